@@ -1,0 +1,578 @@
+
+/*
+ * Copyright (C) The ngx_http_token_meter_module authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+#include <ndk.h>
+
+#include "ngx_http_token_meter_module.h"
+
+
+#define NGX_HTTP_TOKEN_METER_SYNC_OFF     ((ngx_msec_t) -1)
+#define NGX_HTTP_TOKEN_METER_TIMER        1000
+#define NGX_HTTP_TOKEN_METER_READER_CHECK 60000
+
+
+static ngx_int_t ngx_http_token_meter_set_yuan(ngx_http_request_t *r,
+    ngx_str_t *res, ngx_http_variable_value_t *v);
+static void ngx_http_token_meter_timer_handler(ngx_event_t *ev);
+
+static void *ngx_http_token_meter_create_main_conf(ngx_conf_t *cf);
+static char *ngx_http_token_meter_init_main_conf(ngx_conf_t *cf, void *conf);
+static void *ngx_http_token_meter_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_token_meter_merge_loc_conf(ngx_conf_t *cf,
+    void *parent, void *child);
+
+static char *ngx_http_token_meter_store_directive(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static char *ngx_http_token_meter_points_per_yuan(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static char *ngx_http_token_meter_trial(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_token_meter_admin(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+
+static ngx_int_t ngx_http_token_meter_init_module(ngx_cycle_t *cycle);
+static ngx_int_t ngx_http_token_meter_init_process(ngx_cycle_t *cycle);
+static void ngx_http_token_meter_exit_process(ngx_cycle_t *cycle);
+
+
+static ndk_set_var_t  ngx_http_token_meter_set_yuan_filter = {
+    NDK_SET_VAR_VALUE,
+    (void *) ngx_http_token_meter_set_yuan,
+    1,
+    NULL
+};
+
+
+static ngx_command_t  ngx_http_token_meter_commands[] = {
+
+    { ngx_string("token_meter_store"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE123,
+      ngx_http_token_meter_store_directive,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("token_meter_points_per_yuan"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_token_meter_points_per_yuan,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("token_meter_trial"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE12,
+      ngx_http_token_meter_trial,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("token_meter_admin"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_token_meter_admin,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("token_meter_admin_key"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_token_meter_admin_key,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("set_token_meter_yuan"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_SIF_CONF
+          |NGX_HTTP_LOC_CONF|NGX_HTTP_LIF_CONF|NGX_CONF_TAKE2,
+      ndk_set_var_value,
+      0,
+      0,
+      &ngx_http_token_meter_set_yuan_filter },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_token_meter_module_ctx = {
+    NULL,                                  /* preconfiguration */
+    NULL,                                  /* postconfiguration */
+
+    ngx_http_token_meter_create_main_conf, /* create main configuration */
+    ngx_http_token_meter_init_main_conf,   /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_token_meter_create_loc_conf,  /* create location configuration */
+    ngx_http_token_meter_merge_loc_conf    /* merge location configuration */
+};
+
+
+ngx_module_t  ngx_http_token_meter_module = {
+    NGX_MODULE_V1,
+    &ngx_http_token_meter_module_ctx,      /* module context */
+    ngx_http_token_meter_commands,         /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    ngx_http_token_meter_init_module,      /* init module */
+    ngx_http_token_meter_init_process,     /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    ngx_http_token_meter_exit_process,     /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+/*
+ * set_token_meter_yuan $var <points>: points as yuan with two decimals,
+ * rounded down, at the configured rate; empty when the value is not a
+ * whole number of points
+ */
+
+static ngx_int_t
+ngx_http_token_meter_set_yuan(ngx_http_request_t *r, ngx_str_t *res,
+    ngx_http_variable_value_t *v)
+{
+    int64_t                            points, fen;
+    ngx_str_t                          s;
+    ngx_http_token_meter_main_conf_t  *tmcf;
+
+    tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_meter_module);
+
+    s.data = v->data;
+    s.len = v->len;
+
+    if (ngx_http_token_meter_parse_points(&s, 1, &points) != NGX_OK) {
+        res->len = 0;
+        return NGX_OK;
+    }
+
+    /* points * 100 cannot overflow: points are below 10^15 */
+
+    fen = points * 100 / tmcf->points_per_yuan;
+
+    res->data = ngx_pnalloc(r->pool, NGX_INT64_LEN + 3);
+    if (res->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    res->len = ngx_sprintf(res->data, "%L.%02L", fen / 100, fen % 100)
+               - res->data;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_token_meter_timer_handler(ngx_event_t *ev)
+{
+    ngx_msec_t                         interval;
+    ngx_http_token_meter_main_conf_t  *tmcf;
+
+    tmcf = ev->data;
+
+    interval = ngx_http_token_meter_store_sync_interval(tmcf->store);
+
+    if (interval != 0 && interval != NGX_HTTP_TOKEN_METER_SYNC_OFF
+        && ngx_current_msec - tmcf->last_sync >= interval)
+    {
+        tmcf->last_sync = ngx_current_msec;
+        (void) ngx_http_token_meter_store_sync(tmcf->store);
+    }
+
+    if (ngx_current_msec - tmcf->last_reader_check
+        >= NGX_HTTP_TOKEN_METER_READER_CHECK)
+    {
+        tmcf->last_reader_check = ngx_current_msec;
+        ngx_http_token_meter_store_reader_check(tmcf->store);
+    }
+
+    if (ngx_exiting || ngx_quit || ngx_terminate) {
+        return;
+    }
+
+    interval = NGX_HTTP_TOKEN_METER_TIMER;
+
+    if (ngx_http_token_meter_store_sync_interval(tmcf->store) != 0
+        && ngx_http_token_meter_store_sync_interval(tmcf->store) < interval)
+    {
+        interval = ngx_http_token_meter_store_sync_interval(tmcf->store);
+    }
+
+    ngx_add_timer(ev, interval);
+}
+
+
+static void *
+ngx_http_token_meter_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_token_meter_main_conf_t  *tmcf;
+
+    tmcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_token_meter_main_conf_t));
+    if (tmcf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     tmcf->store = NULL;
+     *     tmcf->store_path = { 0, NULL };
+     */
+
+    tmcf->points_per_yuan = NGX_CONF_UNSET;
+    tmcf->trial_points = NGX_CONF_UNSET;
+    tmcf->trial_validity = NGX_CONF_UNSET;
+    tmcf->quota_status = NGX_CONF_UNSET_UINT;
+    tmcf->lower_max_tokens = NGX_CONF_UNSET;
+    tmcf->reservation_timeout = NGX_CONF_UNSET;
+    tmcf->billing_offset = NGX_CONF_UNSET;
+    tmcf->retention = NGX_CONF_UNSET;
+
+    return tmcf;
+}
+
+
+static char *
+ngx_http_token_meter_init_main_conf(ngx_conf_t *cf, void *conf)
+{
+    ngx_http_token_meter_main_conf_t  *tmcf = conf;
+
+    ngx_conf_init_value(tmcf->points_per_yuan, 250000);
+    ngx_conf_init_value(tmcf->trial_points, 25000000);
+    ngx_conf_init_value(tmcf->trial_validity, 30 * 86400);
+    ngx_conf_init_uint_value(tmcf->quota_status, 402);
+    ngx_conf_init_value(tmcf->lower_max_tokens, 1);
+    ngx_conf_init_value(tmcf->reservation_timeout, 3600);
+    ngx_conf_init_value(tmcf->billing_offset, 0);
+    ngx_conf_init_value(tmcf->retention, 0);
+
+    return NGX_CONF_OK;
+}
+
+
+static void *
+ngx_http_token_meter_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_token_meter_loc_conf_t  *tmlcf;
+
+    tmlcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_token_meter_loc_conf_t));
+    if (tmlcf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     tmlcf->admin_key = { 0, NULL };
+     */
+
+    tmlcf->enable = NGX_CONF_UNSET;
+    tmlcf->admin = NGX_CONF_UNSET;
+
+    return tmlcf;
+}
+
+
+static char *
+ngx_http_token_meter_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
+{
+    ngx_http_token_meter_loc_conf_t *prev = parent;
+    ngx_http_token_meter_loc_conf_t *conf = child;
+
+    ngx_http_token_meter_main_conf_t  *tmcf;
+
+    ngx_conf_merge_value(conf->enable, prev->enable, 0);
+    ngx_conf_merge_str_value(conf->admin_key, prev->admin_key, "");
+
+    if (conf->admin == NGX_CONF_UNSET) {
+        conf->admin = 0;
+        return NGX_CONF_OK;
+    }
+
+    tmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_token_meter_module);
+
+    if (tmcf->store == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"token_meter_admin\" needs "
+                           "\"token_meter_store\" in the http block");
+        return NGX_CONF_ERROR;
+    }
+
+    if (conf->admin_key.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"token_meter_admin\" needs "
+                           "\"token_meter_admin_key\"");
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_token_meter_store_directive(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_token_meter_main_conf_t  *tmcf = conf;
+
+    char        *rv;
+    size_t       size;
+    ngx_str_t   *value, path, s;
+    ngx_msec_t   sync;
+    ngx_uint_t   i;
+
+    if (tmcf->store) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    path = value[1];
+
+    if (path.len == 0) {
+        return "has an empty path";
+    }
+
+    if (ngx_conf_full_name(cf->cycle, &path, 0) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    while (path.len > 1 && path.data[path.len - 1] == '/') {
+        path.len--;
+    }
+
+    size = 1024 * 1024 * 1024;
+    sync = 0;
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "size=", 5) == 0) {
+            s.data = value[i].data + 5;
+            s.len = value[i].len - 5;
+
+            size = ngx_parse_size(&s);
+            if (size == (size_t) NGX_ERROR) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid store size \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "sync=", 5) == 0) {
+            s.data = value[i].data + 5;
+            s.len = value[i].len - 5;
+
+            if (s.len == 2 && ngx_strncmp(s.data, "on", 2) == 0) {
+                sync = 0;
+
+            } else if (s.len == 3 && ngx_strncmp(s.data, "off", 3) == 0) {
+                sync = NGX_HTTP_TOKEN_METER_SYNC_OFF;
+
+            } else {
+                sync = ngx_parse_time(&s, 0);
+
+                if (sync == (ngx_msec_t) NGX_ERROR || sync == 0) {
+                    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                       "invalid sync mode \"%V\", expected "
+                                       "on, off or an interval", &value[i]);
+                    return NGX_CONF_ERROR;
+                }
+            }
+
+            continue;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\"", &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    tmcf->store = ngx_http_token_meter_store_create(cf->pool, &path, size,
+                                                    sync);
+    if (tmcf->store == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    tmcf->store_path = path;
+
+    rv = ngx_http_token_meter_store_check(tmcf->store, cf->log);
+
+    if (rv != NGX_CONF_OK && rv != NGX_CONF_ERROR) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "%s", rv);
+        return NGX_CONF_ERROR;
+    }
+
+    return rv;
+}
+
+
+static char *
+ngx_http_token_meter_points_per_yuan(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_token_meter_main_conf_t  *tmcf = conf;
+
+    ngx_int_t   n;
+    ngx_str_t  *value;
+
+    if (tmcf->points_per_yuan != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    n = ngx_atoi(value[1].data, value[1].len);
+
+    if (n <= 0 || n > 1000000000) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid points per yuan \"%V\", expected a whole "
+                           "number from 1 to 1000000000", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    tmcf->points_per_yuan = n;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_token_meter_trial(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_token_meter_main_conf_t  *tmcf = conf;
+
+    int64_t     points;
+    time_t      validity;
+    ngx_str_t  *value;
+
+    if (tmcf->trial_points != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_http_token_meter_parse_points(&value[1], 1, &points) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid trial points \"%V\", expected a whole "
+                           "number of points", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    validity = 30 * 86400;
+
+    if (cf->args->nelts == 3) {
+        validity = ngx_parse_time(&value[2], 1);
+
+        if (validity == (time_t) NGX_ERROR || validity == 0) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid trial validity \"%V\"", &value[2]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    tmcf->trial_points = points;
+    tmcf->trial_validity = validity;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_token_meter_admin(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_token_meter_loc_conf_t *tmlcf = conf;
+
+    ngx_http_core_loc_conf_t  *clcf;
+
+    if (tmlcf->admin != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    tmlcf->admin = 1;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    clcf->handler = ngx_http_token_meter_admin_handler;
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_token_meter_init_module(ngx_cycle_t *cycle)
+{
+    ngx_core_conf_t                   *ccf;
+    ngx_http_token_meter_main_conf_t  *tmcf;
+
+    tmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_token_meter_module);
+    if (tmcf == NULL || tmcf->store == NULL) {
+        return NGX_OK;
+    }
+
+    ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
+
+    return ngx_http_token_meter_store_chown(tmcf->store, ccf->user,
+                                            ccf->group, cycle->log);
+}
+
+
+static ngx_int_t
+ngx_http_token_meter_init_process(ngx_cycle_t *cycle)
+{
+    ngx_http_token_meter_main_conf_t  *tmcf;
+
+    tmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_token_meter_module);
+    if (tmcf == NULL || tmcf->store == NULL) {
+        return NGX_OK;
+    }
+
+    if (ngx_process != NGX_PROCESS_WORKER
+        && ngx_process != NGX_PROCESS_SINGLE)
+    {
+        return NGX_OK;
+    }
+
+    /*
+     * a store that cannot be opened leaves the worker running: metered
+     * requests then fail closed with 503 and the log says why
+     */
+
+    (void) ngx_http_token_meter_store_open(tmcf->store, cycle->log);
+
+    tmcf->timer.handler = ngx_http_token_meter_timer_handler;
+    tmcf->timer.data = tmcf;
+    tmcf->timer.log = cycle->log;
+    tmcf->timer.cancelable = 1;
+
+    tmcf->last_sync = ngx_current_msec;
+    tmcf->last_reader_check = ngx_current_msec;
+
+    ngx_add_timer(&tmcf->timer, NGX_HTTP_TOKEN_METER_TIMER);
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_token_meter_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_http_token_meter_main_conf_t  *tmcf;
+
+    tmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_token_meter_module);
+    if (tmcf == NULL || tmcf->store == NULL) {
+        return;
+    }
+
+    ngx_http_token_meter_store_close(tmcf->store);
+}
