@@ -70,6 +70,35 @@ typedef struct {
 } ngx_http_token_meter_purchase_t;
 
 
+/* a usage record, written once when a metered request is settled */
+
+typedef struct {
+    u_char                      request_id[16];
+    uint64_t                    subscriber;
+    int64_t                     time;
+    int64_t                     input;
+    int64_t                     cached;
+    int64_t                     output;
+    int64_t                     cost;
+    int64_t                     points;
+    int64_t                     from_grants;
+    int64_t                     from_paid;
+    uint32_t                    status;
+    uint32_t                    source;
+    u_char                      msisdn[NGX_HTTP_TOKEN_METER_MSISDN_LEN];
+    u_char                      model[64];
+} ngx_http_token_meter_record_t;
+
+
+typedef struct {
+    uint64_t                    subscriber;
+    int64_t                     points;
+    int64_t                     created;
+    int64_t                     deadline;
+    int64_t                     pid;
+} ngx_http_token_meter_reservation_t;
+
+
 typedef struct {
     int64_t                     paid;
     int64_t                     grants;

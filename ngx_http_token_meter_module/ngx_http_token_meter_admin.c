@@ -111,14 +111,22 @@ ngx_http_token_meter_admin_handler(ngx_http_request_t *r)
 {
     ngx_int_t                          rc;
     ngx_http_core_loc_conf_t          *clcf;
+    ngx_http_token_meter_ctx_t        *rctx;
     ngx_http_token_meter_admin_ctx_t  *ctx;
+
+    rctx = ngx_pcalloc(r->pool, sizeof(ngx_http_token_meter_ctx_t));
+    if (rctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
 
     ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_token_meter_admin_ctx_t));
     if (ctx == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    ngx_http_set_ctx(r, ctx, ngx_http_token_meter_module);
+    rctx->admin = ctx;
+
+    ngx_http_set_ctx(r, rctx, ngx_http_token_meter_module);
 
     if (ngx_http_token_meter_admin_auth(r, ctx) != NGX_OK
         || ngx_http_token_meter_admin_route(r, ctx) != NGX_OK)
@@ -412,9 +420,11 @@ ngx_http_token_meter_admin_body(ngx_http_request_t *r)
     ngx_chain_t                       *cl;
     json_error_t                       error;
     ngx_http_core_loc_conf_t          *clcf;
+    ngx_http_token_meter_ctx_t        *rctx;
     ngx_http_token_meter_admin_ctx_t  *ctx;
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_token_meter_module);
+    rctx = ngx_http_get_module_ctx(r, ngx_http_token_meter_module);
+    ctx = rctx->admin;
 
     clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
 

@@ -15,6 +15,7 @@
 #define NGX_HTTP_TOKEN_METER_SYNC_OFF     ((ngx_msec_t) -1)
 #define NGX_HTTP_TOKEN_METER_TIMER        1000
 #define NGX_HTTP_TOKEN_METER_READER_CHECK 60000
+#define NGX_HTTP_TOKEN_METER_SWEEP        2000
 
 
 static ngx_int_t ngx_http_token_meter_set_yuan(ngx_http_request_t *r,
@@ -35,6 +36,11 @@ static char *ngx_http_token_meter_trial(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_token_meter_admin(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_token_meter_quota_status(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+
+static ngx_int_t ngx_http_token_meter_preconfiguration(ngx_conf_t *cf);
+static ngx_int_t ngx_http_token_meter_postconfiguration(ngx_conf_t *cf);
 
 static ngx_int_t ngx_http_token_meter_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_token_meter_init_process(ngx_cycle_t *cycle);
@@ -72,6 +78,41 @@ static ngx_command_t  ngx_http_token_meter_commands[] = {
       0,
       NULL },
 
+    { ngx_string("token_meter_model"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_2MORE,
+      ngx_http_token_meter_model,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("token_meter_quota_status"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_token_meter_quota_status,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("token_meter_lower_max_tokens"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_token_meter_main_conf_t, lower_max_tokens),
+      NULL },
+
+    { ngx_string("token_meter_reservation_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_token_meter_main_conf_t, reservation_timeout),
+      NULL },
+
+    { ngx_string("token_meter"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_token_meter_loc_conf_t, enable),
+      NULL },
+
     { ngx_string("token_meter_admin"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_token_meter_admin,
@@ -99,8 +140,8 @@ static ngx_command_t  ngx_http_token_meter_commands[] = {
 
 
 static ngx_http_module_t  ngx_http_token_meter_module_ctx = {
-    NULL,                                  /* preconfiguration */
-    NULL,                                  /* postconfiguration */
+    ngx_http_token_meter_preconfiguration, /* preconfiguration */
+    ngx_http_token_meter_postconfiguration, /* postconfiguration */
 
     ngx_http_token_meter_create_main_conf, /* create main configuration */
     ngx_http_token_meter_init_main_conf,   /* init main configuration */
@@ -184,6 +225,15 @@ ngx_http_token_meter_timer_handler(ngx_event_t *ev)
     {
         tmcf->last_sync = ngx_current_msec;
         (void) ngx_http_token_meter_store_sync(tmcf->store);
+    }
+
+    /* one worker releases what dead or stuck requests left reserved */
+
+    if (ngx_worker == 0
+        && ngx_current_msec - tmcf->last_sweep >= NGX_HTTP_TOKEN_METER_SWEEP)
+    {
+        tmcf->last_sweep = ngx_current_msec;
+        ngx_http_token_meter_sweep(tmcf, ev->log);
     }
 
     if (ngx_current_msec - tmcf->last_reader_check
@@ -291,12 +341,23 @@ ngx_http_token_meter_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_value(conf->enable, prev->enable, 0);
     ngx_conf_merge_str_value(conf->admin_key, prev->admin_key, "");
 
+    tmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_token_meter_module);
+
+    if (conf->enable && tmcf->store == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"token_meter\" needs "
+                           "\"token_meter_store\" in the http block");
+        return NGX_CONF_ERROR;
+    }
+
     if (conf->admin == NGX_CONF_UNSET) {
         conf->admin = 0;
         return NGX_CONF_OK;
     }
 
-    tmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_token_meter_module);
+    /* the admin API is never metered, whatever the outer level says */
+
+    conf->enable = 0;
 
     if (tmcf->store == NULL) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -506,6 +567,94 @@ ngx_http_token_meter_admin(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+static char *
+ngx_http_token_meter_quota_status(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_token_meter_main_conf_t  *tmcf = conf;
+
+    ngx_int_t   n;
+    ngx_str_t  *value;
+
+    if (tmcf->quota_status != NGX_CONF_UNSET_UINT) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    n = ngx_atoi(value[1].data, value[1].len);
+
+    if (n != 402 && n != 429) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid quota status \"%V\", expected 402 or 429",
+                           &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    tmcf->quota_status = n;
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_token_meter_preconfiguration(ngx_conf_t *cf)
+{
+    return ngx_http_token_meter_add_variables(cf);
+}
+
+
+static ngx_int_t
+ngx_http_token_meter_postconfiguration(ngx_conf_t *cf)
+{
+    ngx_str_t                          name;
+    ngx_uint_t                         n;
+    ngx_http_handler_pt               *h, *first;
+    ngx_http_core_main_conf_t         *cmcf;
+    ngx_http_token_meter_main_conf_t  *tmcf;
+
+    tmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_token_meter_module);
+
+    if (ngx_http_token_meter_init_models(cf, tmcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    ngx_str_set(&name, "request_id");
+
+    tmcf->request_id_index = ngx_http_get_variable_index(cf, &name);
+    if (tmcf->request_id_index == NGX_ERROR) {
+        return NGX_ERROR;
+    }
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_ACCESS_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_token_meter_access_handler;
+
+    /*
+     * settle before the access log is written, so that the log can show
+     * what was charged: our handler goes first in the log phase
+     */
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    first = cmcf->phases[NGX_HTTP_LOG_PHASE].handlers.elts;
+    n = cmcf->phases[NGX_HTTP_LOG_PHASE].handlers.nelts;
+
+    ngx_memmove(&first[1], &first[0], (n - 1) * sizeof(ngx_http_handler_pt));
+    first[0] = ngx_http_token_meter_log_handler;
+
+    return ngx_http_token_meter_filter_init(cf);
+}
+
+
 static ngx_int_t
 ngx_http_token_meter_init_module(ngx_cycle_t *cycle)
 {
@@ -556,6 +705,7 @@ ngx_http_token_meter_init_process(ngx_cycle_t *cycle)
 
     tmcf->last_sync = ngx_current_msec;
     tmcf->last_reader_check = ngx_current_msec;
+    tmcf->last_sweep = ngx_current_msec;
 
     ngx_add_timer(&tmcf->timer, NGX_HTTP_TOKEN_METER_TIMER);
 

@@ -13,6 +13,7 @@
 #include <ngx_http.h>
 
 #include "ngx_http_token_meter_store.h"
+#include "ngx_http_token_meter_scan.h"
 
 
 /* prices are kept in thousandths of a point per token */
@@ -29,7 +30,8 @@ typedef struct {
     int64_t                        cached;
     int64_t                        output;
     int64_t                        max_output;
-    ngx_uint_t                     index;
+    ngx_str_t                      file;
+    ngx_uint_t                     line;
 } ngx_http_token_meter_model_t;
 
 
@@ -51,7 +53,10 @@ typedef struct {
     time_t                         billing_offset;
     time_t                         retention;
 
+    ngx_int_t                      request_id_index;
+
     ngx_event_t                    timer;
+    ngx_msec_t                     last_sweep;
     ngx_msec_t                     last_sync;
     ngx_msec_t                     last_reader_check;
 } ngx_http_token_meter_main_conf_t;
@@ -64,10 +69,86 @@ typedef struct {
 } ngx_http_token_meter_loc_conf_t;
 
 
+typedef enum {
+    NGX_HTTP_TOKEN_METER_SOURCE_NONE = 0,
+    NGX_HTTP_TOKEN_METER_SOURCE_UPSTREAM,
+    NGX_HTTP_TOKEN_METER_SOURCE_ESTIMATED
+} ngx_http_token_meter_source_e;
+
+
+typedef struct ngx_http_token_meter_ctx_s  ngx_http_token_meter_ctx_t;
+
+typedef void (*ngx_http_token_meter_resume_pt)(ngx_http_request_t *r,
+    ngx_int_t rc);
+
+
+struct ngx_http_token_meter_ctx_s {
+    ngx_int_t                      phase_rc;
+    ngx_http_token_meter_model_t  *model;
+
+    uint64_t                       subscriber;
+    ngx_str_t                      msisdn;
+    u_char                         msisdn_data[16];
+    u_char                         request_id[16];
+
+    int64_t                        input_estimate;
+    int64_t                        allowance;
+    int64_t                        reserved;
+    int64_t                        balance;
+
+    ngx_http_token_meter_usage_t   usage;
+    ngx_uint_t                     source;
+    int64_t                        points;
+    int64_t                        from_grants;
+    int64_t                        from_paid;
+    ngx_uint_t                     status;
+
+    ngx_http_token_meter_text_t    seen;
+    ngx_http_token_meter_sse_scan_t  *sse;
+    ngx_http_token_meter_json_scan_t *json;
+
+    void                          *admission;
+    void                          *admin;
+    ngx_buf_t                     *held;
+    ngx_chain_t                   *free;
+    ngx_chain_t                   *busy;
+
+    unsigned                       embeddings:1;
+    unsigned                       stream:1;
+    unsigned                       strip_usage:1;
+    unsigned                       admitted:1;
+    unsigned                       settled:1;
+    unsigned                       usage_found:1;
+    unsigned                       event_done:1;
+    unsigned                       event_strip:1;
+    unsigned                       encoded:1;
+    unsigned                       passthrough:1;
+};
+
+
 extern ngx_module_t  ngx_http_token_meter_module;
 
 
 ngx_int_t ngx_http_token_meter_admin_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_token_meter_access_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_token_meter_log_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_token_meter_filter_init(ngx_conf_t *cf);
+void ngx_http_token_meter_filter_finish(ngx_http_request_t *r,
+    ngx_http_token_meter_ctx_t *ctx);
+ngx_int_t ngx_http_token_meter_add_variables(ngx_conf_t *cf);
+char *ngx_http_token_meter_model(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+ngx_int_t ngx_http_token_meter_init_models(ngx_conf_t *cf,
+    ngx_http_token_meter_main_conf_t *tmcf);
+
+ngx_int_t ngx_http_token_meter_reserve(ngx_http_request_t *r,
+    ngx_http_token_meter_ctx_t *ctx, ngx_http_token_meter_resume_pt resume);
+ngx_int_t ngx_http_token_meter_settle(ngx_http_request_t *r,
+    ngx_http_token_meter_ctx_t *ctx);
+void ngx_http_token_meter_sweep(ngx_http_token_meter_main_conf_t *tmcf,
+    ngx_log_t *log);
+int64_t ngx_http_token_meter_cost(ngx_http_token_meter_model_t *model,
+    ngx_http_token_meter_usage_t *usage);
 char *ngx_http_token_meter_admin_key(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 

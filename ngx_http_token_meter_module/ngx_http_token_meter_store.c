@@ -57,6 +57,7 @@ static char *ngx_http_token_meter_db_names[] = {
     "purchases",
     "usage",
     "usage_time",
+    "usage_subscriber",
     "counters",
     NULL
 };

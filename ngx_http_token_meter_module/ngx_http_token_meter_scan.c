@@ -1,0 +1,602 @@
+
+/*
+ * Copyright (C) The ngx_http_token_meter_module authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <jansson.h>
+
+#include "ngx_http_token_meter_scan.h"
+
+
+#define NGX_HTTP_TOKEN_METER_MAX_TOKENS  1000000000LL
+
+
+enum {
+    sw_value = 0,
+    sw_string,
+    sw_escape,
+    sw_unicode
+};
+
+
+enum {
+    sw_line_start = 0,
+    sw_field,
+    sw_value_start,
+    sw_data,
+    sw_skip
+};
+
+
+static void ngx_http_token_meter_json_char(
+    ngx_http_token_meter_json_scan_t *s, u_char ch);
+static ngx_uint_t ngx_http_token_meter_key_is(
+    ngx_http_token_meter_json_scan_t *s, u_char *key, size_t len,
+    char *name);
+static ngx_int_t ngx_http_token_meter_usage_field(json_t *usage,
+    char *name, char *other, int64_t *value);
+
+
+/* the fields whose string values are generated text */
+
+static char  *ngx_http_token_meter_text_fields[] = {
+    "content",
+    "text",
+    "delta",
+    "arguments",
+    "refusal",
+    "reasoning_content",
+    NULL
+};
+
+
+void
+ngx_http_token_meter_json_scan_init(ngx_http_token_meter_json_scan_t *s)
+{
+    ngx_memzero(s, offsetof(ngx_http_token_meter_json_scan_t, usage));
+}
+
+
+void
+ngx_http_token_meter_json_scan(ngx_http_token_meter_json_scan_t *s,
+    u_char *p, u_char *last)
+{
+    for ( /* void */ ; p < last; p++) {
+        ngx_http_token_meter_json_char(s, *p);
+    }
+}
+
+
+static void
+ngx_http_token_meter_json_char(ngx_http_token_meter_json_scan_t *s, u_char ch)
+{
+    ngx_uint_t  i, in_array, capture;
+
+    if (s->capturing) {
+        if (s->usage_len < NGX_HTTP_TOKEN_METER_USAGE_MAX) {
+            s->usage[s->usage_len++] = ch;
+
+        } else {
+            s->capturing = 0;
+            s->overflow = 1;
+        }
+    }
+
+    switch (s->state) {
+
+    case sw_value:
+
+        in_array = (s->depth > 0 && s->depth <= 64)
+                   ? (s->arrays >> (s->depth - 1)) & 1 : 0;
+
+        switch (ch) {
+
+        case '{':
+        case '[':
+
+            capture = 0;
+
+            if (ch == '{' && !s->is_key && !s->capturing && !s->captured
+                && ngx_http_token_meter_key_is(s, s->key, s->key_len,
+                                               "usage"))
+            {
+                if (s->depth == 1
+                    || (s->depth == 2
+                        && ngx_http_token_meter_key_is(s, s->top_key,
+                                                       s->top_key_len,
+                                                       "response")))
+                {
+                    capture = 1;
+                }
+            }
+
+            if (capture) {
+                s->capturing = 1;
+                s->capture_depth = s->depth;
+                s->usage_len = 0;
+                s->usage[s->usage_len++] = ch;
+            }
+
+            if (ch == '[' && s->depth == 1
+                && ngx_http_token_meter_key_is(s, s->key, s->key_len,
+                                               "choices"))
+            {
+                s->in_choices = 1;
+            }
+
+            if (ch == '{' && s->in_choices && s->depth == 2) {
+                s->choice = 1;
+            }
+
+            s->depth++;
+
+            if (s->depth <= 64) {
+                if (ch == '[') {
+                    s->arrays |= (uint64_t) 1 << (s->depth - 1);
+
+                } else {
+                    s->arrays &= ~((uint64_t) 1 << (s->depth - 1));
+                }
+            }
+
+            s->is_key = (ch == '{');
+            s->key_len = 0;
+            break;
+
+        case '}':
+        case ']':
+
+            if (s->depth == 0) {
+                break;
+            }
+
+            s->depth--;
+
+            if (s->capturing && s->depth == s->capture_depth) {
+                s->capturing = 0;
+                s->captured = 1;
+            }
+
+            if (s->depth == 1) {
+                s->in_choices = 0;
+            }
+
+            s->is_key = 0;
+            break;
+
+        case ':':
+            s->is_key = 0;
+            break;
+
+        case ',':
+            s->is_key = !in_array && s->depth > 0;
+            break;
+
+        case '"':
+            s->state = sw_string;
+
+            if (s->is_key) {
+                s->key_len = 0;
+                s->counting = 0;
+                break;
+            }
+
+            s->counting = 0;
+
+            for (i = 0; ngx_http_token_meter_text_fields[i]; i++) {
+                if (!in_array
+                    && ngx_http_token_meter_key_is(s, s->key, s->key_len,
+                                           ngx_http_token_meter_text_fields[i]))
+                {
+                    s->counting = 1;
+                    break;
+                }
+            }
+
+            break;
+
+        default:
+            break;
+        }
+
+        break;
+
+    case sw_string:
+
+        if (ch == '"') {
+            s->state = sw_value;
+
+            if (s->is_key && s->depth == 1) {
+                ngx_memcpy(s->top_key, s->key,
+                           ngx_min(s->key_len, NGX_HTTP_TOKEN_METER_KEY_MAX));
+                s->top_key_len = s->key_len;
+            }
+
+            break;
+        }
+
+        if (ch == '\\') {
+            s->state = sw_escape;
+            break;
+        }
+
+        if (s->is_key) {
+            if (s->key_len < NGX_HTTP_TOKEN_METER_KEY_MAX) {
+                s->key[s->key_len] = ch;
+            }
+
+            s->key_len++;
+            break;
+        }
+
+        if (s->counting) {
+            if (ch < 0x80) {
+                s->text.ascii++;
+
+            } else if (ch >= 0xc0) {
+                s->text.other++;
+            }
+        }
+
+        break;
+
+    case sw_escape:
+
+        if (ch == 'u') {
+            s->state = sw_unicode;
+            s->hex = 0;
+            s->unicode_other = 0;
+            break;
+        }
+
+        s->state = sw_string;
+
+        if (s->is_key) {
+            if (s->key_len < NGX_HTTP_TOKEN_METER_KEY_MAX) {
+                s->key[s->key_len] = ch;
+            }
+
+            s->key_len++;
+
+        } else if (s->counting) {
+            s->text.ascii++;
+        }
+
+        break;
+
+    default: /* sw_unicode */
+
+        /* four hex digits: "\u00" followed by 0-7 is an ASCII character */
+
+        if (s->hex == 0 || s->hex == 1) {
+            s->unicode_other |= (ch != '0');
+
+        } else if (s->hex == 2) {
+            s->unicode_other |= (ch >= '8');
+        }
+
+        if (++s->hex < 4) {
+            break;
+        }
+
+        s->state = sw_string;
+
+        if (s->is_key) {
+            s->key_len = NGX_HTTP_TOKEN_METER_KEY_MAX + 1;
+
+        } else if (s->counting) {
+            if (s->unicode_other) {
+                s->text.other++;
+
+            } else {
+                s->text.ascii++;
+            }
+        }
+    }
+}
+
+
+static ngx_uint_t
+ngx_http_token_meter_key_is(ngx_http_token_meter_json_scan_t *s, u_char *key,
+    size_t len, char *name)
+{
+    size_t  n;
+
+    n = ngx_strlen(name);
+
+    return len == n && ngx_strncmp(key, name, n) == 0;
+}
+
+
+void
+ngx_http_token_meter_sse_scan_init(ngx_http_token_meter_sse_scan_t *s)
+{
+    ngx_memzero(s, offsetof(ngx_http_token_meter_sse_scan_t, json));
+    ngx_http_token_meter_json_scan_init(&s->json);
+}
+
+
+/*
+ * Scans until the end of the buffer or the end of an event, whichever
+ * comes first.  Returns the position after the last byte consumed; the
+ * handler is called when an event ends, with the JSON scanner that read
+ * its data, and the scan stops right after that event.
+ */
+
+u_char *
+ngx_http_token_meter_sse_scan(ngx_http_token_meter_sse_scan_t *s, u_char *p,
+    u_char *last, ngx_http_token_meter_event_pt handler, void *data)
+{
+    u_char  ch;
+
+    for ( /* void */ ; p < last; p++) {
+        ch = *p;
+
+        /* "\r\n" is one line end even when split between buffers */
+
+        if (s->cr) {
+            s->cr = 0;
+
+            if (ch == '\n') {
+                continue;
+            }
+        }
+
+        if (ch == '\r' || ch == '\n') {
+
+            s->cr = (ch == '\r');
+
+            if (s->state == sw_line_start) {
+
+                /* an empty line ends the event */
+
+                if (s->event_has_data) {
+                    handler(data, &s->json);
+                }
+
+                ngx_http_token_meter_json_scan_init(&s->json);
+                s->event_has_data = 0;
+                s->data_lines = 0;
+
+                return p + 1;
+            }
+
+            if (s->state == sw_field) {
+
+                /* a field name alone, as "data", is a field with no value */
+
+                if (s->field_len == 4
+                    && ngx_strncmp(s->field, "data", 4) == 0)
+                {
+                    if (s->data_lines) {
+                        ngx_http_token_meter_json_scan(&s->json,
+                                                       (u_char *) "\n",
+                                                       (u_char *) "\n" + 1);
+                    }
+
+                    s->data_lines = 1;
+                    s->event_has_data = 1;
+                }
+            }
+
+            s->state = sw_line_start;
+            continue;
+        }
+
+        switch (s->state) {
+
+        case sw_line_start:
+
+            if (ch == ':') {
+                s->state = sw_skip;
+                break;
+            }
+
+            s->field_len = 0;
+            s->state = sw_field;
+
+            /* fall through */
+
+        case sw_field:
+
+            if (ch == ':') {
+
+                if (s->field_len == 4
+                    && ngx_strncmp(s->field, "data", 4) == 0)
+                {
+                    /* lines of one event's data are joined with "\n" */
+
+                    if (s->data_lines) {
+                        ngx_http_token_meter_json_scan(&s->json,
+                                                       (u_char *) "\n",
+                                                       (u_char *) "\n" + 1);
+                    }
+
+                    s->data_lines = 1;
+                    s->event_has_data = 1;
+                    s->state = sw_value_start;
+
+                } else {
+                    s->state = sw_skip;
+                }
+
+                break;
+            }
+
+            if (s->field_len < sizeof(s->field)) {
+                s->field[s->field_len] = ch;
+            }
+
+            s->field_len++;
+            break;
+
+        case sw_value_start:
+
+            s->state = sw_data;
+
+            if (ch == ' ') {
+                break;
+            }
+
+            /* fall through */
+
+        case sw_data:
+            ngx_http_token_meter_json_scan(&s->json, p, p + 1);
+            break;
+
+        default: /* sw_skip */
+            break;
+        }
+    }
+
+    return p;
+}
+
+
+/*
+ * Reads the usage object of chat completions, completions and embeddings
+ * ("prompt_tokens", "completion_tokens") or of the Responses API
+ * ("input_tokens", "output_tokens").  Values that are missing, negative,
+ * not integers or absurdly large make the whole usage invalid.
+ */
+
+ngx_int_t
+ngx_http_token_meter_usage_parse(u_char *text, size_t len,
+    ngx_http_token_meter_usage_t *usage)
+{
+    json_t     *json, *details;
+    ngx_int_t   rc, found;
+
+    json = json_loadb((char *) text, len, 0, NULL);
+
+    if (json == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (!json_is_object(json)) {
+        json_decref(json);
+        return NGX_ERROR;
+    }
+
+    ngx_memzero(usage, sizeof(ngx_http_token_meter_usage_t));
+
+    found = 0;
+
+    rc = ngx_http_token_meter_usage_field(json, "prompt_tokens",
+                                          "input_tokens", &usage->input);
+    if (rc == NGX_ERROR) {
+        goto invalid;
+    }
+
+    found += (rc == NGX_OK);
+
+    rc = ngx_http_token_meter_usage_field(json, "completion_tokens",
+                                          "output_tokens", &usage->output);
+    if (rc == NGX_ERROR) {
+        goto invalid;
+    }
+
+    found += (rc == NGX_OK);
+
+    if (!found) {
+        goto invalid;
+    }
+
+    details = json_object_get(json, "prompt_tokens_details");
+
+    if (!json_is_object(details)) {
+        details = json_object_get(json, "input_tokens_details");
+    }
+
+    rc = NGX_DECLINED;
+
+    if (json_is_object(details)) {
+        rc = ngx_http_token_meter_usage_field(details, "cached_tokens", NULL,
+                                              &usage->cached);
+        if (rc == NGX_ERROR) {
+            goto invalid;
+        }
+    }
+
+    if (rc == NGX_DECLINED) {
+        rc = ngx_http_token_meter_usage_field(json, "prompt_cache_hit_tokens",
+                                              NULL, &usage->cached);
+        if (rc == NGX_ERROR) {
+            goto invalid;
+        }
+    }
+
+    if (usage->cached > usage->input) {
+        usage->cached = usage->input;
+    }
+
+    json_decref(json);
+
+    return NGX_OK;
+
+invalid:
+
+    json_decref(json);
+
+    return NGX_ERROR;
+}
+
+
+static ngx_int_t
+ngx_http_token_meter_usage_field(json_t *usage, char *name, char *other,
+    int64_t *value)
+{
+    json_t      *v;
+    json_int_t   n;
+
+    v = json_object_get(usage, name);
+
+    if (v == NULL && other) {
+        v = json_object_get(usage, other);
+    }
+
+    if (v == NULL || json_is_null(v)) {
+        return NGX_DECLINED;
+    }
+
+    if (!json_is_integer(v)) {
+        return NGX_ERROR;
+    }
+
+    n = json_integer_value(v);
+
+    if (n < 0 || n > NGX_HTTP_TOKEN_METER_MAX_TOKENS) {
+        return NGX_ERROR;
+    }
+
+    *value = n;
+
+    return NGX_OK;
+}
+
+
+int64_t
+ngx_http_token_meter_text_tokens(ngx_http_token_meter_text_t *text)
+{
+    return (text->ascii + 3) / 4 + text->other;
+}
+
+
+void
+ngx_http_token_meter_text_count(ngx_http_token_meter_text_t *text, u_char *p,
+    size_t len)
+{
+    u_char  *last;
+
+    for (last = p + len; p < last; p++) {
+        if (*p < 0x80) {
+            text->ascii++;
+
+        } else if (*p >= 0xc0) {
+            text->other++;
+        }
+    }
+}
