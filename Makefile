@@ -47,7 +47,8 @@ $(TREE)/Makefile: config
 $(MODULE): $(TREE)/Makefile $(SOURCES)
 	$(MAKE) -C $(TREE) -f objs/Makefile modules
 	mkdir -p $(BUILD)/modules
-	cp $(TREE)/objs/ngx_http_token_meter_module.so $(MODULE)
+	cp $(TREE)/objs/ngx_http_token_meter_module.so $(MODULE).tmp
+	mv -f $(MODULE).tmp $(MODULE)
 
 install: $(MODULE)
 	install -m 644 $(MODULE) $(MODULES_DIR)/

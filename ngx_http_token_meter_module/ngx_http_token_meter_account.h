@@ -10,6 +10,7 @@
 
 #include <ngx_config.h>
 #include <ngx_core.h>
+#include <ngx_http.h>
 #include <jansson.h>
 
 #include "ngx_http_token_meter_module.h"
@@ -150,6 +151,12 @@ ngx_int_t ngx_http_token_meter_purchase_put(ngx_http_token_meter_txn_t *txn,
     ngx_str_t *reference, ngx_http_token_meter_purchase_t *purchase,
     ngx_str_t *result);
 
+ngx_int_t ngx_http_token_meter_usage_list(ngx_http_request_t *r,
+    ngx_http_token_meter_txn_t *txn, uint64_t subscriber);
+ngx_int_t ngx_http_token_meter_billing_export(ngx_http_request_t *r,
+    ngx_str_t *cycle);
+ngx_int_t ngx_http_token_meter_store_error(ngx_http_request_t *r,
+    ngx_int_t rc);
 json_t *ngx_http_token_meter_balance_json(
     ngx_http_token_meter_balance_t *balance);
 

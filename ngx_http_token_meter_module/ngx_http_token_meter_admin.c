@@ -24,7 +24,9 @@ typedef enum {
     NGX_HTTP_TOKEN_METER_ROUTE_SUBSCRIBER,
     NGX_HTTP_TOKEN_METER_ROUTE_KEYS,
     NGX_HTTP_TOKEN_METER_ROUTE_KEY,
-    NGX_HTTP_TOKEN_METER_ROUTE_PURCHASES
+    NGX_HTTP_TOKEN_METER_ROUTE_PURCHASES,
+    NGX_HTTP_TOKEN_METER_ROUTE_USAGE,
+    NGX_HTTP_TOKEN_METER_ROUTE_BILLING
 } ngx_http_token_meter_route_e;
 
 
@@ -77,14 +79,16 @@ static ngx_int_t ngx_http_token_meter_admin_key_revoke(ngx_http_request_t *r,
     ngx_http_token_meter_admin_ctx_t *ctx);
 static ngx_int_t ngx_http_token_meter_admin_purchase(ngx_http_request_t *r,
     ngx_http_token_meter_admin_ctx_t *ctx);
+static ngx_int_t ngx_http_token_meter_admin_usage(ngx_http_request_t *r,
+    ngx_http_token_meter_admin_ctx_t *ctx);
+static ngx_int_t ngx_http_token_meter_admin_billing(ngx_http_request_t *r,
+    ngx_http_token_meter_admin_ctx_t *ctx);
 
 static ngx_int_t ngx_http_token_meter_admin_subscriber(ngx_http_request_t *r,
     ngx_http_token_meter_txn_t *txn, ngx_http_token_meter_admin_ctx_t *ctx,
     ngx_http_token_meter_subscriber_t *sub);
 static ngx_int_t ngx_http_token_meter_admin_import_key(ngx_http_request_t *r,
     ngx_http_token_meter_admin_ctx_t *ctx, ngx_str_t *key);
-static ngx_int_t ngx_http_token_meter_admin_store_error(
-    ngx_http_request_t *r, ngx_int_t rc);
 static json_t *ngx_http_token_meter_subscriber_json(
     ngx_http_token_meter_txn_t *txn, ngx_http_token_meter_subscriber_t *sub,
     time_t now);
@@ -97,6 +101,8 @@ static ngx_http_token_meter_route_t  ngx_http_token_meter_routes[] = {
     { 3, { "subscribers", "", "keys", NULL }, "POST" },
     { 4, { "subscribers", "", "keys", "" }, "DELETE" },
     { 3, { "subscribers", "", "purchases", NULL }, "POST" },
+    { 3, { "subscribers", "", "usage", NULL }, "GET" },
+    { 2, { "billing", "", NULL, NULL }, "GET" },
     { 0, { NULL, NULL, NULL, NULL }, NULL }
 };
 
@@ -341,13 +347,20 @@ ngx_http_token_meter_admin_route(ngx_http_request_t *r,
         }
         break;
 
+    case NGX_HTTP_TOKEN_METER_ROUTE_USAGE:
+    case NGX_HTTP_TOKEN_METER_ROUTE_BILLING:
+        if (r->method != NGX_HTTP_GET) {
+            return ngx_http_token_meter_admin_405(r, ctx, route->allow);
+        }
+        break;
+
     default: /* KEYS, PURCHASES */
         if (r->method != NGX_HTTP_POST) {
             return ngx_http_token_meter_admin_405(r, ctx, route->allow);
         }
     }
 
-    if (n < 2) {
+    if (n < 2 || i == NGX_HTTP_TOKEN_METER_ROUTE_BILLING) {
         return NGX_OK;
     }
 
@@ -518,6 +531,14 @@ ngx_http_token_meter_admin_run(ngx_http_request_t *r,
         handler = ngx_http_token_meter_admin_key_revoke;
         break;
 
+    case NGX_HTTP_TOKEN_METER_ROUTE_USAGE:
+        handler = ngx_http_token_meter_admin_usage;
+        break;
+
+    case NGX_HTTP_TOKEN_METER_ROUTE_BILLING:
+        handler = ngx_http_token_meter_admin_billing;
+        break;
+
     default: /* NGX_HTTP_TOKEN_METER_ROUTE_PURCHASES */
         handler = ngx_http_token_meter_admin_purchase;
     }
@@ -579,7 +600,7 @@ ngx_http_token_meter_admin_create(ngx_http_request_t *r,
     rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 1,
                                         r->connection->log);
     if (rc != NGX_OK) {
-        return ngx_http_token_meter_admin_store_error(r, rc);
+        return ngx_http_token_meter_store_error(r, rc);
     }
 
     rc = ngx_http_token_meter_subscriber_create(txn, tmcf, &msisdn, now, &sub);
@@ -625,7 +646,7 @@ ngx_http_token_meter_admin_create(ngx_http_request_t *r,
             json_decref(json);
         }
 
-        return ngx_http_token_meter_admin_store_error(r, rc);
+        return ngx_http_token_meter_store_error(r, rc);
     }
 
     id.data = key_id;
@@ -709,7 +730,7 @@ ngx_http_token_meter_admin_get(ngx_http_request_t *r,
     rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 0,
                                         r->connection->log);
     if (rc != NGX_OK) {
-        return ngx_http_token_meter_admin_store_error(r, rc);
+        return ngx_http_token_meter_store_error(r, rc);
     }
 
     if (ctx->id == 0) {
@@ -726,7 +747,7 @@ ngx_http_token_meter_admin_get(ngx_http_request_t *r,
 
         if (rc != NGX_OK) {
             ngx_http_token_meter_txn_abort(txn);
-            return ngx_http_token_meter_admin_store_error(r, rc);
+            return ngx_http_token_meter_store_error(r, rc);
         }
     }
 
@@ -740,7 +761,7 @@ ngx_http_token_meter_admin_get(ngx_http_request_t *r,
     ngx_http_token_meter_txn_abort(txn);
 
     if (json == NULL) {
-        return ngx_http_token_meter_admin_store_error(r, NGX_ERROR);
+        return ngx_http_token_meter_store_error(r, NGX_ERROR);
     }
 
     rc = ngx_http_token_meter_send_json(r, NGX_HTTP_OK, json);
@@ -785,7 +806,7 @@ ngx_http_token_meter_admin_patch(ngx_http_request_t *r,
     rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 1,
                                         r->connection->log);
     if (rc != NGX_OK) {
-        return ngx_http_token_meter_admin_store_error(r, rc);
+        return ngx_http_token_meter_store_error(r, rc);
     }
 
     if (ngx_http_token_meter_admin_subscriber(r, txn, ctx, &sub) != NGX_OK) {
@@ -825,7 +846,7 @@ ngx_http_token_meter_admin_patch(ngx_http_request_t *r,
             json_decref(json);
         }
 
-        return ngx_http_token_meter_admin_store_error(r, rc);
+        return ngx_http_token_meter_store_error(r, rc);
     }
 
     ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
@@ -858,7 +879,7 @@ ngx_http_token_meter_admin_delete(ngx_http_request_t *r,
     rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 1,
                                         r->connection->log);
     if (rc != NGX_OK) {
-        return ngx_http_token_meter_admin_store_error(r, rc);
+        return ngx_http_token_meter_store_error(r, rc);
     }
 
     if (ngx_http_token_meter_admin_subscriber(r, txn, ctx, &sub) != NGX_OK) {
@@ -891,7 +912,7 @@ ngx_http_token_meter_admin_delete(ngx_http_request_t *r,
             json_decref(json);
         }
 
-        return ngx_http_token_meter_admin_store_error(r, rc);
+        return ngx_http_token_meter_store_error(r, rc);
     }
 
     ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
@@ -933,7 +954,7 @@ ngx_http_token_meter_admin_key_create(ngx_http_request_t *r,
     rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 1,
                                         r->connection->log);
     if (rc != NGX_OK) {
-        return ngx_http_token_meter_admin_store_error(r, rc);
+        return ngx_http_token_meter_store_error(r, rc);
     }
 
     if (ngx_http_token_meter_admin_subscriber(r, txn, ctx, &sub) != NGX_OK) {
@@ -969,7 +990,7 @@ ngx_http_token_meter_admin_key_create(ngx_http_request_t *r,
     }
 
     if (rc != NGX_OK) {
-        return ngx_http_token_meter_admin_store_error(r, rc);
+        return ngx_http_token_meter_store_error(r, rc);
     }
 
     id.data = key_id;
@@ -1017,7 +1038,7 @@ ngx_http_token_meter_admin_key_revoke(ngx_http_request_t *r,
     rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 1,
                                         r->connection->log);
     if (rc != NGX_OK) {
-        return ngx_http_token_meter_admin_store_error(r, rc);
+        return ngx_http_token_meter_store_error(r, rc);
     }
 
     if (ngx_http_token_meter_admin_subscriber(r, txn, ctx, &sub) != NGX_OK) {
@@ -1046,7 +1067,7 @@ ngx_http_token_meter_admin_key_revoke(ngx_http_request_t *r,
     }
 
     if (rc != NGX_OK) {
-        return ngx_http_token_meter_admin_store_error(r, rc);
+        return ngx_http_token_meter_store_error(r, rc);
     }
 
     json = json_object();
@@ -1165,7 +1186,7 @@ ngx_http_token_meter_admin_purchase(ngx_http_request_t *r,
     rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 1,
                                         r->connection->log);
     if (rc != NGX_OK) {
-        return ngx_http_token_meter_admin_store_error(r, rc);
+        return ngx_http_token_meter_store_error(r, rc);
     }
 
     if (ngx_http_token_meter_admin_subscriber(r, txn, ctx, &sub) != NGX_OK) {
@@ -1197,7 +1218,7 @@ ngx_http_token_meter_admin_purchase(ngx_http_request_t *r,
         ngx_http_token_meter_txn_abort(txn);
 
         if (json == NULL) {
-            return ngx_http_token_meter_admin_store_error(r, NGX_ERROR);
+            return ngx_http_token_meter_store_error(r, NGX_ERROR);
         }
 
         rc = ngx_http_token_meter_send_json(r, NGX_HTTP_OK, json);
@@ -1209,7 +1230,7 @@ ngx_http_token_meter_admin_purchase(ngx_http_request_t *r,
 
     if (rc != NGX_DECLINED) {
         ngx_http_token_meter_txn_abort(txn);
-        return ngx_http_token_meter_admin_store_error(r, rc);
+        return ngx_http_token_meter_store_error(r, rc);
     }
 
     if (sub.status == NGX_HTTP_TOKEN_METER_CLOSED) {
@@ -1302,7 +1323,7 @@ ngx_http_token_meter_admin_purchase(ngx_http_request_t *r,
             json_decref(json);
         }
 
-        return ngx_http_token_meter_admin_store_error(r, rc);
+        return ngx_http_token_meter_store_error(r, rc);
     }
 
     ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
@@ -1314,6 +1335,46 @@ ngx_http_token_meter_admin_purchase(ngx_http_request_t *r,
     json_decref(json);
 
     return rc;
+}
+
+
+static ngx_int_t
+ngx_http_token_meter_admin_usage(ngx_http_request_t *r,
+    ngx_http_token_meter_admin_ctx_t *ctx)
+{
+    ngx_int_t                           rc;
+    ngx_http_token_meter_txn_t         *txn;
+    ngx_http_token_meter_main_conf_t   *tmcf;
+    ngx_http_token_meter_subscriber_t   sub;
+
+    tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_meter_module);
+
+    rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 0,
+                                        r->connection->log);
+    if (rc != NGX_OK) {
+        return ngx_http_token_meter_store_error(r, rc);
+    }
+
+    rc = ngx_http_token_meter_admin_subscriber(r, txn, ctx, &sub);
+
+    if (rc != NGX_OK) {
+        ngx_http_token_meter_txn_abort(txn);
+        return ctx->rc;
+    }
+
+    rc = ngx_http_token_meter_usage_list(r, txn, sub.id);
+
+    ngx_http_token_meter_txn_abort(txn);
+
+    return rc;
+}
+
+
+static ngx_int_t
+ngx_http_token_meter_admin_billing(ngx_http_request_t *r,
+    ngx_http_token_meter_admin_ctx_t *ctx)
+{
+    return ngx_http_token_meter_billing_export(r, &ctx->segment[1]);
 }
 
 
@@ -1334,7 +1395,7 @@ ngx_http_token_meter_admin_subscriber(ngx_http_request_t *r,
     }
 
     if (rc != NGX_OK) {
-        ctx->rc = ngx_http_token_meter_admin_store_error(r, rc);
+        ctx->rc = ngx_http_token_meter_store_error(r, rc);
         return NGX_DECLINED;
     }
 
@@ -1388,8 +1449,8 @@ ngx_http_token_meter_admin_import_key(ngx_http_request_t *r,
 }
 
 
-static ngx_int_t
-ngx_http_token_meter_admin_store_error(ngx_http_request_t *r, ngx_int_t rc)
+ngx_int_t
+ngx_http_token_meter_store_error(ngx_http_request_t *r, ngx_int_t rc)
 {
     if (rc == NGX_HTTP_TOKEN_METER_FULL) {
         return ngx_http_token_meter_send_error(r,

@@ -170,8 +170,9 @@ ngx_int_t
 ngx_http_token_meter_settle(ngx_http_request_t *r,
     ngx_http_token_meter_ctx_t *ctx)
 {
-    int64_t    cost, available;
-    ngx_int_t  rc;
+    int64_t          cost, available;
+    ngx_int_t        rc;
+    struct timespec  start, stop;
 
     if (ctx->settled || !ctx->admitted) {
         return NGX_OK;
@@ -203,7 +204,11 @@ ngx_http_token_meter_settle(ngx_http_request_t *r,
 
     cost = ngx_http_token_meter_cost(ctx->model, &ctx->usage);
 
+    clock_gettime(CLOCK_MONOTONIC, &start);
+
     rc = ngx_http_token_meter_settle_txn(r, ctx, cost, &available);
+
+    clock_gettime(CLOCK_MONOTONIC, &stop);
 
     if (rc == NGX_DONE) {
         return NGX_OK;
@@ -219,6 +224,10 @@ ngx_http_token_meter_settle(ngx_http_request_t *r,
     }
 
     ctx->balance = available - ctx->points;
+
+    ngx_http_token_meter_count_settled(r, ctx,
+                       (stop.tv_sec - start.tv_sec) * 1000000
+                       + (stop.tv_nsec - start.tv_nsec) / 1000);
 
     if (ctx->points < cost) {
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,

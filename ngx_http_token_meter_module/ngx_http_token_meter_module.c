@@ -16,6 +16,7 @@
 #define NGX_HTTP_TOKEN_METER_TIMER        1000
 #define NGX_HTTP_TOKEN_METER_READER_CHECK 60000
 #define NGX_HTTP_TOKEN_METER_SWEEP        2000
+#define NGX_HTTP_TOKEN_METER_PRUNE        10000
 
 
 static ngx_int_t ngx_http_token_meter_set_yuan(ngx_http_request_t *r,
@@ -34,8 +35,10 @@ static char *ngx_http_token_meter_points_per_yuan(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 static char *ngx_http_token_meter_trial(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
-static char *ngx_http_token_meter_admin(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
+static char *ngx_http_token_meter_content(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static char *ngx_http_token_meter_billing_offset(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
 static char *ngx_http_token_meter_quota_status(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 
@@ -115,9 +118,44 @@ static ngx_command_t  ngx_http_token_meter_commands[] = {
 
     { ngx_string("token_meter_admin"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
-      ngx_http_token_meter_admin,
+      ngx_http_token_meter_content,
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
+      ngx_http_token_meter_admin_handler },
+
+    { ngx_string("token_meter_balance"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_token_meter_content,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      ngx_http_token_meter_balance_handler },
+
+    { ngx_string("token_meter_models"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_token_meter_content,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      ngx_http_token_meter_models_handler },
+
+    { ngx_string("token_meter_metrics"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_token_meter_content,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      ngx_http_token_meter_metrics_handler },
+
+    { ngx_string("token_meter_billing_offset"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_token_meter_billing_offset,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("token_meter_retention"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_token_meter_main_conf_t, retention),
       NULL },
 
     { ngx_string("token_meter_admin_key"),
@@ -236,6 +274,13 @@ ngx_http_token_meter_timer_handler(ngx_event_t *ev)
         ngx_http_token_meter_sweep(tmcf, ev->log);
     }
 
+    if (ngx_worker == 0 && tmcf->retention
+        && ngx_current_msec - tmcf->last_prune >= NGX_HTTP_TOKEN_METER_PRUNE)
+    {
+        tmcf->last_prune = ngx_current_msec;
+        ngx_http_token_meter_prune(tmcf, ev->log);
+    }
+
     if (ngx_current_msec - tmcf->last_reader_check
         >= NGX_HTTP_TOKEN_METER_READER_CHECK)
     {
@@ -320,11 +365,12 @@ ngx_http_token_meter_create_loc_conf(ngx_conf_t *cf)
     /*
      * set by ngx_pcalloc():
      *
+     *     tmlcf->content = NULL;
+     *     tmlcf->content_name = { 0, NULL };
      *     tmlcf->admin_key = { 0, NULL };
      */
 
     tmlcf->enable = NGX_CONF_UNSET;
-    tmlcf->admin = NGX_CONF_UNSET;
 
     return tmlcf;
 }
@@ -350,23 +396,26 @@ ngx_http_token_meter_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         return NGX_CONF_ERROR;
     }
 
-    if (conf->admin == NGX_CONF_UNSET) {
-        conf->admin = 0;
+    if (conf->content == NULL) {
         return NGX_CONF_OK;
     }
 
-    /* the admin API is never metered, whatever the outer level says */
+    /* these locations answer themselves and are never metered */
 
     conf->enable = 0;
 
-    if (tmcf->store == NULL) {
+    if (tmcf->store == NULL
+        && conf->content != ngx_http_token_meter_models_handler)
+    {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "\"token_meter_admin\" needs "
-                           "\"token_meter_store\" in the http block");
+                           "\"%V\" needs \"token_meter_store\" in the "
+                           "http block", &conf->content_name);
         return NGX_CONF_ERROR;
     }
 
-    if (conf->admin_key.len == 0) {
+    if (conf->content == ngx_http_token_meter_admin_handler
+        && conf->admin_key.len == 0)
+    {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "\"token_meter_admin\" needs "
                            "\"token_meter_admin_key\"");
@@ -548,22 +597,67 @@ ngx_http_token_meter_trial(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
 
 static char *
-ngx_http_token_meter_admin(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+ngx_http_token_meter_content(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     ngx_http_token_meter_loc_conf_t *tmlcf = conf;
 
     ngx_http_core_loc_conf_t  *clcf;
 
-    if (tmlcf->admin != NGX_CONF_UNSET) {
+    if (tmlcf->content) {
         return "is duplicate";
     }
 
-    tmlcf->admin = 1;
+    tmlcf->content = (ngx_http_handler_pt) cmd->post;
+    tmlcf->content_name = cmd->name;
 
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
-    clcf->handler = ngx_http_token_meter_admin_handler;
+    clcf->handler = tmlcf->content;
 
     return NGX_CONF_OK;
+}
+
+
+/* token_meter_billing_offset +08:00 */
+
+static char *
+ngx_http_token_meter_billing_offset(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_token_meter_main_conf_t  *tmcf = conf;
+
+    u_char     *p;
+    ngx_int_t   h, m;
+    ngx_str_t  *value;
+
+    if (tmcf->billing_offset != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+    p = value[1].data;
+
+    if (value[1].len != 6 || (p[0] != '+' && p[0] != '-') || p[3] != ':') {
+        goto invalid;
+    }
+
+    h = ngx_atoi(p + 1, 2);
+    m = ngx_atoi(p + 4, 2);
+
+    if (h == NGX_ERROR || m == NGX_ERROR || h > 14 || m > 59) {
+        goto invalid;
+    }
+
+    tmcf->billing_offset = (h * 3600 + m * 60) * (p[0] == '-' ? -1 : 1);
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid billing offset \"%V\", expected a UTC "
+                       "offset like \"+08:00\"", &value[1]);
+
+    return NGX_CONF_ERROR;
 }
 
 
@@ -616,6 +710,12 @@ ngx_http_token_meter_postconfiguration(ngx_conf_t *cf)
     tmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_token_meter_module);
 
     if (ngx_http_token_meter_init_models(cf, tmcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (tmcf->store
+        && ngx_http_token_meter_metrics_zone(cf, tmcf) != NGX_OK)
+    {
         return NGX_ERROR;
     }
 
@@ -706,6 +806,7 @@ ngx_http_token_meter_init_process(ngx_cycle_t *cycle)
     tmcf->last_sync = ngx_current_msec;
     tmcf->last_reader_check = ngx_current_msec;
     tmcf->last_sweep = ngx_current_msec;
+    tmcf->last_prune = ngx_current_msec;
 
     ngx_add_timer(&tmcf->timer, NGX_HTTP_TOKEN_METER_TIMER);
 

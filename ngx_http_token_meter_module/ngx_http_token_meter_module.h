@@ -32,6 +32,7 @@ typedef struct {
     int64_t                        max_output;
     ngx_str_t                      file;
     ngx_uint_t                     line;
+    ngx_uint_t                     stat;
 } ngx_http_token_meter_model_t;
 
 
@@ -55,8 +56,12 @@ typedef struct {
 
     ngx_int_t                      request_id_index;
 
+    ngx_shm_zone_t                *stats_zone;
+    void                          *stats;
+
     ngx_event_t                    timer;
     ngx_msec_t                     last_sweep;
+    ngx_msec_t                     last_prune;
     ngx_msec_t                     last_sync;
     ngx_msec_t                     last_reader_check;
 } ngx_http_token_meter_main_conf_t;
@@ -64,7 +69,8 @@ typedef struct {
 
 typedef struct {
     ngx_flag_t                     enable;
-    ngx_flag_t                     admin;
+    ngx_http_handler_pt            content;
+    ngx_str_t                      content_name;
     ngx_str_t                      admin_key;
 } ngx_http_token_meter_loc_conf_t;
 
@@ -131,6 +137,19 @@ extern ngx_module_t  ngx_http_token_meter_module;
 
 ngx_int_t ngx_http_token_meter_admin_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_token_meter_access_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_token_meter_balance_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_token_meter_models_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_token_meter_metrics_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_token_meter_metrics_zone(ngx_conf_t *cf,
+    ngx_http_token_meter_main_conf_t *tmcf);
+void ngx_http_token_meter_count_rejected(ngx_http_request_t *r,
+    const char *code);
+void ngx_http_token_meter_count_settled(ngx_http_request_t *r,
+    ngx_http_token_meter_ctx_t *ctx, ngx_msec_int_t usec);
+void ngx_http_token_meter_prune(ngx_http_token_meter_main_conf_t *tmcf,
+    ngx_log_t *log);
+ngx_int_t ngx_http_token_meter_api_key(ngx_http_request_t *r,
+    ngx_str_t *key);
 ngx_int_t ngx_http_token_meter_log_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_token_meter_filter_init(ngx_conf_t *cf);
 void ngx_http_token_meter_filter_finish(ngx_http_request_t *r,

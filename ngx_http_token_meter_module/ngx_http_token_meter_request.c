@@ -19,8 +19,6 @@
 #define NGX_HTTP_TOKEN_METER_MESSAGE_TOKENS  4
 
 
-static ngx_int_t ngx_http_token_meter_key(ngx_http_request_t *r,
-    ngx_str_t *key);
 static ngx_int_t ngx_http_token_meter_authenticate(ngx_http_request_t *r,
     ngx_http_token_meter_ctx_t *ctx, ngx_str_t *key);
 static ngx_int_t ngx_http_token_meter_request_id(ngx_http_request_t *r,
@@ -103,7 +101,7 @@ ngx_http_token_meter_access_handler(ngx_http_request_t *r)
 
     ngx_http_set_ctx(r, ctx, ngx_http_token_meter_module);
 
-    if (ngx_http_token_meter_key(r, &key) != NGX_OK) {
+    if (ngx_http_token_meter_api_key(r, &key) != NGX_OK) {
         return ngx_http_token_meter_fail(r, NGX_HTTP_UNAUTHORIZED,
                    "invalid_request_error", "invalid_api_key",
                    "You didn't provide an API key. Send it as "
@@ -150,8 +148,8 @@ ngx_http_token_meter_access_handler(ngx_http_request_t *r)
 }
 
 
-static ngx_int_t
-ngx_http_token_meter_key(ngx_http_request_t *r, ngx_str_t *key)
+ngx_int_t
+ngx_http_token_meter_api_key(ngx_http_request_t *r, ngx_str_t *key)
 {
     u_char           *p, *last;
     ngx_uint_t        i;
@@ -327,6 +325,8 @@ ngx_http_token_meter_fail(ngx_http_request_t *r, ngx_uint_t status,
             return rc;
         }
     }
+
+    ngx_http_token_meter_count_rejected(r, code);
 
     va_start(args, fmt);
     rc = ngx_http_token_meter_send_verror(r, status, type, code, fmt, args);

@@ -539,6 +539,37 @@ ngx_http_token_meter_store_stat(ngx_http_token_meter_store_t *store,
 }
 
 
+ngx_int_t
+ngx_http_token_meter_store_entries(ngx_http_token_meter_store_t *store,
+    ngx_uint_t db, uint64_t *entries)
+{
+    int       rc;
+    MDB_txn  *txn;
+    MDB_stat  st;
+
+    if (store->env == NULL) {
+        return NGX_ERROR;
+    }
+
+    rc = mdb_txn_begin(store->env, NULL, MDB_RDONLY, &txn);
+    if (rc != 0) {
+        return NGX_ERROR;
+    }
+
+    rc = mdb_stat(txn, store->dbi[db], &st);
+
+    mdb_txn_abort(txn);
+
+    if (rc != 0) {
+        return NGX_ERROR;
+    }
+
+    *entries = st.ms_entries;
+
+    return NGX_OK;
+}
+
+
 ngx_str_t *
 ngx_http_token_meter_store_path(ngx_http_token_meter_store_t *store)
 {

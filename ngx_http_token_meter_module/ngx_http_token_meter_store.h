@@ -73,6 +73,8 @@ void ngx_http_token_meter_store_reader_check(
 ngx_int_t ngx_http_token_meter_store_stat(
     ngx_http_token_meter_store_t *store,
     ngx_http_token_meter_store_stat_t *stat);
+ngx_int_t ngx_http_token_meter_store_entries(
+    ngx_http_token_meter_store_t *store, ngx_uint_t db, uint64_t *entries);
 ngx_str_t *ngx_http_token_meter_store_path(
     ngx_http_token_meter_store_t *store);
 ngx_msec_t ngx_http_token_meter_store_sync_interval(
