@@ -16,7 +16,6 @@
 
 #define NGX_HTTP_TOKEN_METER_MAX_PRICE       10000000
 #define NGX_HTTP_TOKEN_METER_DEFAULT_OUTPUT  4096
-#define NGX_HTTP_TOKEN_METER_MESSAGE_TOKENS  4
 
 
 static ngx_int_t ngx_http_token_meter_authenticate(ngx_http_request_t *r,
@@ -39,8 +38,6 @@ static ngx_int_t ngx_http_token_meter_rewrite_body(ngx_http_request_t *r,
     json_t *json);
 static void ngx_http_token_meter_remove_header(ngx_http_request_t *r,
     char *name);
-static void ngx_http_token_meter_estimate(json_t *value,
-    ngx_http_token_meter_text_t *text);
 static void ngx_http_token_meter_json_cleanup(void *data);
 static ngx_int_t ngx_http_token_meter_ends_with(ngx_str_t *s, char *tail);
 
@@ -52,18 +49,6 @@ typedef struct {
     int64_t                        requested;
     ngx_uint_t                     modified;
 } ngx_http_token_meter_admission_t;
-
-
-static char  *ngx_http_token_meter_input_fields[] = {
-    "messages",
-    "prompt",
-    "input",
-    "instructions",
-    "system",
-    "tools",
-    "functions",
-    NULL
-};
 
 
 ngx_int_t
@@ -367,10 +352,9 @@ ngx_http_token_meter_admit(ngx_http_request_t *r,
     json_t                             *json, *value, *options;
     ngx_int_t                           rc;
     ngx_str_t                           name;
-    ngx_uint_t                          i, key, responses;
+    ngx_uint_t                          key, responses;
     json_error_t                        error;
     ngx_pool_cleanup_t                 *cln;
-    ngx_http_token_meter_text_t         text;
     ngx_http_token_meter_model_t       *model;
     ngx_http_token_meter_main_conf_t   *tmcf;
     ngx_http_token_meter_admission_t   *adm;
@@ -440,26 +424,7 @@ ngx_http_token_meter_admit(ngx_http_request_t *r,
     ctx->embeddings = ngx_http_token_meter_ends_with(&r->uri, "/embeddings");
     responses = ngx_http_token_meter_ends_with(&r->uri, "/responses");
 
-    ngx_memzero(&text, sizeof(ngx_http_token_meter_text_t));
-
-    ctx->input_estimate = 3;
-
-    for (i = 0; ngx_http_token_meter_input_fields[i]; i++) {
-        value = json_object_get(json, ngx_http_token_meter_input_fields[i]);
-
-        if (value == NULL) {
-            continue;
-        }
-
-        if (i == 0 && json_is_array(value)) {
-            ctx->input_estimate += NGX_HTTP_TOKEN_METER_MESSAGE_TOKENS
-                                   * json_array_size(value);
-        }
-
-        ngx_http_token_meter_estimate(value, &text);
-    }
-
-    ctx->input_estimate += ngx_http_token_meter_text_tokens(&text);
+    ctx->input_estimate = ngx_http_token_meter_input_tokens(json);
 
     ctx->stream = json_is_true(json_object_get(json, "stream"));
 
@@ -821,40 +786,6 @@ ngx_http_token_meter_remove_header(ngx_http_request_t *r, char *name)
 
         part->nelts--;
         i--;
-    }
-}
-
-
-static void
-ngx_http_token_meter_estimate(json_t *value,
-    ngx_http_token_meter_text_t *text)
-{
-    size_t       i;
-    json_t      *v;
-    const char  *k;
-
-    switch (json_typeof(value)) {
-
-    case JSON_STRING:
-        ngx_http_token_meter_text_count(text,
-                                        (u_char *) json_string_value(value),
-                                        json_string_length(value));
-        break;
-
-    case JSON_ARRAY:
-        json_array_foreach(value, i, v) {
-            ngx_http_token_meter_estimate(v, text);
-        }
-        break;
-
-    case JSON_OBJECT:
-        json_object_foreach(value, k, v) {
-            ngx_http_token_meter_estimate(v, text);
-        }
-        break;
-
-    default:
-        break;
     }
 }
 

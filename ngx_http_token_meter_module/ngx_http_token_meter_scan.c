@@ -38,6 +38,22 @@ static ngx_uint_t ngx_http_token_meter_key_is(
     char *name);
 static ngx_int_t ngx_http_token_meter_usage_field(json_t *usage,
     char *name, char *other, int64_t *value);
+static void ngx_http_token_meter_estimate(json_t *value,
+    ngx_http_token_meter_text_t *text, ngx_uint_t depth);
+
+
+/* the request fields whose text is sent to the model */
+
+static char  *ngx_http_token_meter_input_fields[] = {
+    "messages",
+    "prompt",
+    "input",
+    "instructions",
+    "system",
+    "tools",
+    "functions",
+    NULL
+};
 
 
 /* the fields whose string values are generated text */
@@ -598,5 +614,81 @@ ngx_http_token_meter_text_count(ngx_http_token_meter_text_t *text, u_char *p,
         } else if (*p >= 0xc0) {
             text->other++;
         }
+    }
+}
+
+
+/*
+ * The input estimate of a request body: 3 tokens, 4 more for each message,
+ * and the text of the fields that reach the model, at one token for four
+ * ASCII characters and one for any other character.
+ */
+
+int64_t
+ngx_http_token_meter_input_tokens(json_t *body)
+{
+    json_t                       *value;
+    int64_t                       tokens;
+    ngx_uint_t                    i;
+    ngx_http_token_meter_text_t   text;
+
+    ngx_memzero(&text, sizeof(ngx_http_token_meter_text_t));
+
+    tokens = 3;
+
+    for (i = 0; ngx_http_token_meter_input_fields[i]; i++) {
+        value = json_object_get(body, ngx_http_token_meter_input_fields[i]);
+
+        if (value == NULL) {
+            continue;
+        }
+
+        if (i == 0 && json_is_array(value)) {
+            tokens += 4 * (int64_t) json_array_size(value);
+        }
+
+        ngx_http_token_meter_estimate(value, &text, 0);
+    }
+
+    return tokens + ngx_http_token_meter_text_tokens(&text);
+}
+
+
+static void
+ngx_http_token_meter_estimate(json_t *value,
+    ngx_http_token_meter_text_t *text, ngx_uint_t depth)
+{
+    size_t       i;
+    json_t      *v;
+    const char  *k;
+
+    /* jansson limits nesting when parsing; this keeps the walk bounded too */
+
+    if (depth > NGX_HTTP_TOKEN_METER_DEPTH_MAX) {
+        return;
+    }
+
+    switch (json_typeof(value)) {
+
+    case JSON_STRING:
+        ngx_http_token_meter_text_count(text,
+                                        (u_char *) json_string_value(value),
+                                        json_string_length(value));
+        break;
+
+    case JSON_ARRAY:
+        json_array_foreach(value, i, v) {
+            ngx_http_token_meter_estimate(v, text, depth + 1);
+        }
+        break;
+
+    case JSON_OBJECT:
+        json_object_foreach(value, k, v) {
+            ngx_http_token_meter_estimate(v, text, depth + 1);
+        }
+        break;
+
+    default:
+        break;
     }
 }

@@ -10,6 +10,7 @@
 
 #include <ngx_config.h>
 #include <ngx_core.h>
+#include <jansson.h>
 
 
 #define NGX_HTTP_TOKEN_METER_USAGE_MAX   4096
@@ -103,6 +104,7 @@ u_char *ngx_http_token_meter_sse_scan(ngx_http_token_meter_sse_scan_t *s,
 ngx_int_t ngx_http_token_meter_usage_parse(u_char *text, size_t len,
     ngx_http_token_meter_usage_t *usage);
 int64_t ngx_http_token_meter_text_tokens(ngx_http_token_meter_text_t *text);
+int64_t ngx_http_token_meter_input_tokens(json_t *body);
 void ngx_http_token_meter_text_count(ngx_http_token_meter_text_t *text,
     u_char *p, size_t len);
 
