@@ -391,10 +391,12 @@ static void
 ngx_http_token_meter_usage(ngx_http_token_meter_ctx_t *ctx,
     ngx_http_token_meter_json_scan_t *json)
 {
-    if (ngx_http_token_meter_usage_parse(json->usage, json->usage_len,
-                                         &ctx->usage)
+    ngx_http_token_meter_usage_t  usage;
+
+    if (ngx_http_token_meter_usage_parse(json->usage, json->usage_len, &usage)
         == NGX_OK)
     {
+        ctx->usage = usage;
         ctx->usage_found = 1;
     }
 }

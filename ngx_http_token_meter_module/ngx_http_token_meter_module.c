@@ -701,7 +701,6 @@ ngx_http_token_meter_preconfiguration(ngx_conf_t *cf)
 static ngx_int_t
 ngx_http_token_meter_postconfiguration(ngx_conf_t *cf)
 {
-    ngx_str_t                          name;
     ngx_uint_t                         n;
     ngx_http_handler_pt               *h, *first;
     ngx_http_core_main_conf_t         *cmcf;
@@ -716,13 +715,6 @@ ngx_http_token_meter_postconfiguration(ngx_conf_t *cf)
     if (tmcf->store
         && ngx_http_token_meter_metrics_zone(cf, tmcf) != NGX_OK)
     {
-        return NGX_ERROR;
-    }
-
-    ngx_str_set(&name, "request_id");
-
-    tmcf->request_id_index = ngx_http_get_variable_index(cf, &name);
-    if (tmcf->request_id_index == NGX_ERROR) {
         return NGX_ERROR;
     }
 

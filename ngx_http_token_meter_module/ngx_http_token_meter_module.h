@@ -54,8 +54,6 @@ typedef struct {
     time_t                         billing_offset;
     time_t                         retention;
 
-    ngx_int_t                      request_id_index;
-
     ngx_shm_zone_t                *stats_zone;
     void                          *stats;
 

@@ -36,8 +36,6 @@ static void ngx_http_token_meter_json_char(
 static ngx_uint_t ngx_http_token_meter_key_is(
     ngx_http_token_meter_json_scan_t *s, u_char *key, size_t len,
     char *name);
-static ngx_int_t ngx_http_token_meter_usage_field(json_t *usage,
-    char *name, char *other, int64_t *value);
 static void ngx_http_token_meter_estimate(json_t *value,
     ngx_http_token_meter_text_t *text, ngx_uint_t depth);
 
@@ -475,120 +473,219 @@ ngx_http_token_meter_sse_scan(ngx_http_token_meter_sse_scan_t *s, u_char *p,
 /*
  * Reads the usage object of chat completions, completions and embeddings
  * ("prompt_tokens", "completion_tokens") or of the Responses API
- * ("input_tokens", "output_tokens").  Values that are missing, negative,
- * not integers or absurdly large make the whole usage invalid.
+ * ("input_tokens", "output_tokens"), with the cached input tokens from
+ * "prompt_tokens_details" or "input_tokens_details".  The object is small
+ * and was cut out of the answer by the JSON scanner; it is read here with
+ * no allocation.  A count that is negative, not an integer, not a number,
+ * or above 10^9 makes the whole usage invalid.
  */
 
 ngx_int_t
 ngx_http_token_meter_usage_parse(u_char *text, size_t len,
     ngx_http_token_meter_usage_t *usage)
 {
-    json_t     *json, *details;
-    ngx_int_t   rc, found;
+    u_char      *p, *last, *start;
+    size_t       key_len;
+    int64_t      n, hits, *target;
+    ngx_uint_t   depth, found, cached, in_details, expect_key, string, i;
+    u_char       key[NGX_HTTP_TOKEN_METER_KEY_MAX];
 
-    json = json_loadb((char *) text, len, 0, NULL);
-
-    if (json == NULL) {
-        return NGX_ERROR;
-    }
-
-    if (!json_is_object(json)) {
-        json_decref(json);
-        return NGX_ERROR;
-    }
+    static struct {
+        char    *name;
+        size_t   offset;
+    }  fields[] = {
+        { "prompt_tokens", offsetof(ngx_http_token_meter_usage_t, input) },
+        { "input_tokens", offsetof(ngx_http_token_meter_usage_t, input) },
+        { "completion_tokens",
+          offsetof(ngx_http_token_meter_usage_t, output) },
+        { "output_tokens", offsetof(ngx_http_token_meter_usage_t, output) },
+        { NULL, 0 }
+    };
 
     ngx_memzero(usage, sizeof(ngx_http_token_meter_usage_t));
 
+    p = text;
+    last = text + len;
+
+    depth = 0;
     found = 0;
+    cached = 0;
+    hits = -1;
+    in_details = 0;
+    expect_key = 0;
+    key_len = 0;
 
-    rc = ngx_http_token_meter_usage_field(json, "prompt_tokens",
-                                          "input_tokens", &usage->input);
-    if (rc == NGX_ERROR) {
-        goto invalid;
-    }
+    while (p < last) {
 
-    found += (rc == NGX_OK);
+        switch (*p) {
 
-    rc = ngx_http_token_meter_usage_field(json, "completion_tokens",
-                                          "output_tokens", &usage->output);
-    if (rc == NGX_ERROR) {
-        goto invalid;
-    }
+        case ' ': case '\t': case '\r': case '\n': case ':':
+            p++;
+            continue;
 
-    found += (rc == NGX_OK);
+        case '{':
+            depth++;
 
-    if (!found) {
-        goto invalid;
-    }
+            /* the only nested object read is the one with cached tokens */
 
-    details = json_object_get(json, "prompt_tokens_details");
+            in_details = (depth == 2
+                          && ((key_len == sizeof("prompt_tokens_details") - 1
+                               && ngx_strncmp(key, "prompt_tokens_details",
+                                              key_len) == 0)
+                              || (key_len == sizeof("input_tokens_details") - 1
+                                  && ngx_strncmp(key, "input_tokens_details",
+                                                 key_len) == 0)));
 
-    if (!json_is_object(details)) {
-        details = json_object_get(json, "input_tokens_details");
-    }
+            expect_key = (depth == 1 || in_details);
+            p++;
+            continue;
 
-    rc = NGX_DECLINED;
+        case '}':
+        case ']':
+            if (depth == 0) {
+                return NGX_ERROR;
+            }
 
-    if (json_is_object(details)) {
-        rc = ngx_http_token_meter_usage_field(details, "cached_tokens", NULL,
-                                              &usage->cached);
-        if (rc == NGX_ERROR) {
-            goto invalid;
+            depth--;
+            in_details = 0;
+            expect_key = 0;
+            p++;
+            continue;
+
+        case '[':
+            depth++;
+            in_details = 0;
+            expect_key = 0;
+            p++;
+            continue;
+
+        case ',':
+            expect_key = (depth == 1 || in_details);
+            p++;
+            continue;
+
+        default:
+            break;
+        }
+
+        /* a key, or a value: a string, a number or a literal */
+
+        string = (*p == '"');
+        start = p;
+
+        if (string) {
+            for (p++; p < last && *p != '"'; p++) {
+                if (*p == '\\') {
+                    p++;
+                }
+            }
+
+            if (p >= last) {
+                return NGX_ERROR;
+            }
+
+            p++;
+
+        } else {
+            while (p < last && *p != ',' && *p != '}' && *p != ']'
+                   && *p != ' ' && *p != '\t' && *p != '\r' && *p != '\n'
+                   && *p != ':')
+            {
+                p++;
+            }
+        }
+
+        if (expect_key) {
+            expect_key = 0;
+            key_len = 0;
+
+            if (string && (size_t) (p - start - 2)
+                          <= NGX_HTTP_TOKEN_METER_KEY_MAX)
+            {
+                key_len = p - start - 2;
+                ngx_memcpy(key, start + 1, key_len);
+            }
+
+            continue;
+        }
+
+        target = NULL;
+
+        if (depth == 1) {
+            for (i = 0; fields[i].name; i++) {
+                if (key_len == ngx_strlen(fields[i].name)
+                    && ngx_strncmp(key, fields[i].name, key_len) == 0)
+                {
+                    target = (int64_t *) ((u_char *) usage
+                                          + fields[i].offset);
+                    break;
+                }
+            }
+
+            /* DeepSeek names its cached input "prompt_cache_hit_tokens" */
+
+            if (key_len == sizeof("prompt_cache_hit_tokens") - 1
+                && ngx_strncmp(key, "prompt_cache_hit_tokens", key_len) == 0)
+            {
+                target = &hits;
+            }
+
+        } else if (in_details && depth == 2
+                   && key_len == sizeof("cached_tokens") - 1
+                   && ngx_strncmp(key, "cached_tokens", key_len) == 0)
+        {
+            target = &usage->cached;
+        }
+
+        if (target == NULL) {
+            continue;
+        }
+
+        if (p - start == 4 && ngx_strncmp(start, "null", 4) == 0) {
+            continue;
+        }
+
+        /* a whole number of at most ten digits: no sign, no fraction */
+
+        if (string || p - start > 10) {
+            return NGX_ERROR;
+        }
+
+        n = 0;
+
+        for ( /* void */ ; start < p; start++) {
+            if (*start < '0' || *start > '9') {
+                return NGX_ERROR;
+            }
+
+            n = n * 10 + (*start - '0');
+        }
+
+        if (n > NGX_HTTP_TOKEN_METER_MAX_TOKENS) {
+            return NGX_ERROR;
+        }
+
+        *target = n;
+
+        if (target == &usage->cached) {
+            cached = 1;
+
+        } else if (target != &hits) {
+            found = 1;
         }
     }
 
-    if (rc == NGX_DECLINED) {
-        rc = ngx_http_token_meter_usage_field(json, "prompt_cache_hit_tokens",
-                                              NULL, &usage->cached);
-        if (rc == NGX_ERROR) {
-            goto invalid;
-        }
+    if (!found || depth != 0) {
+        return NGX_ERROR;
+    }
+
+    if (!cached && hits >= 0) {
+        usage->cached = hits;
     }
 
     if (usage->cached > usage->input) {
         usage->cached = usage->input;
     }
-
-    json_decref(json);
-
-    return NGX_OK;
-
-invalid:
-
-    json_decref(json);
-
-    return NGX_ERROR;
-}
-
-
-static ngx_int_t
-ngx_http_token_meter_usage_field(json_t *usage, char *name, char *other,
-    int64_t *value)
-{
-    json_t      *v;
-    json_int_t   n;
-
-    v = json_object_get(usage, name);
-
-    if (v == NULL && other) {
-        v = json_object_get(usage, other);
-    }
-
-    if (v == NULL || json_is_null(v)) {
-        return NGX_DECLINED;
-    }
-
-    if (!json_is_integer(v)) {
-        return NGX_ERROR;
-    }
-
-    n = json_integer_value(v);
-
-    if (n < 0 || n > NGX_HTTP_TOKEN_METER_MAX_TOKENS) {
-        return NGX_ERROR;
-    }
-
-    *value = n;
 
     return NGX_OK;
 }

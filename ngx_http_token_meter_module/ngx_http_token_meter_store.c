@@ -346,9 +346,12 @@ ngx_http_token_meter_store_env(ngx_http_token_meter_store_t *store,
     /*
      * MDB_NOTLS ties reader slots to transactions, not to threads, which
      * is what an event loop that runs many requests in one thread needs.
+     * MDB_WRITEMAP commits by writing into the map instead of with a
+     * write() call per page, which halves the cost of a small commit; all
+     * processes, the master's check included, must open the store alike.
      */
 
-    flags = MDB_NOTLS;
+    flags = MDB_NOTLS|MDB_WRITEMAP;
 
     if (store->sync != 0) {
         flags |= MDB_NOSYNC;

@@ -16,9 +16,24 @@
 void
 ngx_http_token_meter_sha256(u_char *data, size_t len, u_char *digest)
 {
-    unsigned int  n;
+    unsigned int         n;
+    static const EVP_MD  *md;
 
-    (void) EVP_Digest(data, len, digest, &n, EVP_sha256(), NULL);
+    /*
+     * OpenSSL 3 looks the algorithm up on every EVP_sha256() digest, which
+     * costs more than hashing a key; fetch it once per process instead
+     */
+
+    if (md == NULL) {
+#if (OPENSSL_VERSION_NUMBER >= 0x30000000L)
+        md = EVP_MD_fetch(NULL, "SHA256", NULL);
+#endif
+        if (md == NULL) {
+            md = EVP_sha256();
+        }
+    }
+
+    (void) EVP_Digest(data, len, digest, &n, md, NULL);
 }
 
 

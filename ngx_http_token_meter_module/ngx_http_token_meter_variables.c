@@ -21,7 +21,8 @@ typedef enum {
     NGX_HTTP_TOKEN_METER_VAR_OUTPUT,
     NGX_HTTP_TOKEN_METER_VAR_POINTS,
     NGX_HTTP_TOKEN_METER_VAR_BALANCE,
-    NGX_HTTP_TOKEN_METER_VAR_SOURCE
+    NGX_HTTP_TOKEN_METER_VAR_SOURCE,
+    NGX_HTTP_TOKEN_METER_VAR_REQUEST_ID
 } ngx_http_token_meter_var_e;
 
 
@@ -69,6 +70,10 @@ static ngx_http_variable_t  ngx_http_token_meter_vars[] = {
 
     { ngx_string("token_meter_usage_source"), NULL,
       ngx_http_token_meter_variable, NGX_HTTP_TOKEN_METER_VAR_SOURCE,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("token_meter_request_id"), NULL,
+      ngx_http_token_meter_variable, NGX_HTTP_TOKEN_METER_VAR_REQUEST_ID,
       NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
       ngx_http_null_variable
@@ -145,6 +150,16 @@ ngx_http_token_meter_variable(ngx_http_request_t *r,
             ngx_str_set(&s, "estimated");
         }
 
+        break;
+
+    case NGX_HTTP_TOKEN_METER_VAR_REQUEST_ID:
+        p = ngx_pnalloc(r->pool, 32);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        s.data = p;
+        s.len = ngx_hex_dump(p, ctx->request_id, 16) - p;
         break;
 
     case NGX_HTTP_TOKEN_METER_VAR_BALANCE:
