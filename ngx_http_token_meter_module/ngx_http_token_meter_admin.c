@@ -18,6 +18,9 @@
 #define NGX_HTTP_TOKEN_METER_MAX_REFERENCE  128
 #define NGX_HTTP_TOKEN_METER_MAX_SEGMENTS   4
 
+#define NGX_HTTP_TOKEN_METER_WRITE          1
+#define NGX_HTTP_TOKEN_METER_OPEN_ONLY      3
+
 
 typedef enum {
     NGX_HTTP_TOKEN_METER_ROUTE_SUBSCRIBERS = 0,
@@ -60,6 +63,13 @@ static ngx_int_t ngx_http_token_meter_admin_route(ngx_http_request_t *r,
 static void ngx_http_token_meter_admin_body(ngx_http_request_t *r);
 static ngx_int_t ngx_http_token_meter_admin_run(ngx_http_request_t *r,
     ngx_http_token_meter_admin_ctx_t *ctx);
+static ngx_int_t ngx_http_token_meter_admin_open(ngx_http_request_t *r,
+    ngx_http_token_meter_admin_ctx_t *ctx, ngx_uint_t flags,
+    ngx_http_token_meter_txn_t **txnp,
+    ngx_http_token_meter_subscriber_t *sub);
+static ngx_int_t ngx_http_token_meter_admin_commit(ngx_http_request_t *r,
+    ngx_http_token_meter_admin_ctx_t *ctx, ngx_http_token_meter_txn_t *txn,
+    ngx_int_t rc, json_t *json);
 static ngx_int_t ngx_http_token_meter_admin_405(ngx_http_request_t *r,
     ngx_http_token_meter_admin_ctx_t *ctx, char *allow);
 
@@ -153,11 +163,12 @@ ngx_http_token_meter_admin_handler(ngx_http_request_t *r)
 
     if (r->headers_in.content_length_n > (off_t) clcf->client_body_buffer_size)
     {
-        return ngx_http_token_meter_send_error(r,
-                   NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, "invalid_request_error",
-                   "body_too_large",
-                   "request body is larger than %uz bytes",
-                   clcf->client_body_buffer_size);
+        (void) ngx_http_token_meter_admin_fail(r, ctx,
+                                       NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                                       "body_too_large",
+                                       "request body is larger than %uz bytes",
+                                       clcf->client_body_buffer_size);
+        return ctx->rc;
     }
 
     r->request_body_in_single_buf = 1;
@@ -183,7 +194,19 @@ ngx_http_token_meter_admin_fail(ngx_http_request_t *r,
     ngx_http_token_meter_admin_ctx_t *ctx, ngx_uint_t status,
     const char *code, const char *fmt, ...)
 {
-    va_list  args;
+    va_list    args;
+    ngx_int_t  rc;
+
+    /* an unread body must not be taken for the next request */
+
+    if (r->request_body == NULL) {
+        rc = ngx_http_discard_request_body(r);
+
+        if (rc != NGX_OK) {
+            ctx->rc = rc;
+            return NGX_DECLINED;
+        }
+    }
 
     va_start(args, fmt);
     ctx->rc = ngx_http_token_meter_send_verror(r, status,
@@ -199,29 +222,20 @@ static ngx_int_t
 ngx_http_token_meter_admin_auth(ngx_http_request_t *r,
     ngx_http_token_meter_admin_ctx_t *ctx)
 {
-    u_char                           *p, *last;
     u_char                            hash[32];
+    ngx_str_t                         key;
     ngx_table_elt_t                  *h;
     ngx_http_token_meter_loc_conf_t  *tmlcf;
 
     tmlcf = ngx_http_get_module_loc_conf(r, ngx_http_token_meter_module);
 
-    h = r->headers_in.authorization;
-
-    if (h == NULL || h->value.len <= 7
-        || ngx_strncasecmp(h->value.data, (u_char *) "Bearer ", 7) != 0)
+    if (ngx_http_token_meter_bearer(r->headers_in.authorization, &key)
+        != NGX_OK)
     {
         goto denied;
     }
 
-    p = h->value.data + 7;
-    last = h->value.data + h->value.len;
-
-    while (p < last && *p == ' ') {
-        p++;
-    }
-
-    ngx_http_token_meter_sha256(p, last - p, hash);
+    ngx_http_token_meter_sha256(key.data, key.len, hash);
 
     if (CRYPTO_memcmp(hash, tmlcf->admin_key.data, 32) == 0) {
         return NGX_OK;
@@ -441,7 +455,17 @@ ngx_http_token_meter_admin_body(ngx_http_request_t *r)
 
     clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
 
-    if (r->request_body == NULL || r->request_body->temp_file) {
+    len = 0;
+
+    if (r->request_body) {
+        for (cl = r->request_body->bufs; cl; cl = cl->next) {
+            len += ngx_buf_size(cl->buf);
+        }
+    }
+
+    if (r->request_body == NULL || r->request_body->temp_file
+        || len > clcf->client_body_buffer_size)
+    {
         rc = ngx_http_token_meter_send_error(r,
                    NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, "invalid_request_error",
                    "body_too_large",
@@ -449,12 +473,6 @@ ngx_http_token_meter_admin_body(ngx_http_request_t *r)
                    clcf->client_body_buffer_size);
         ngx_http_finalize_request(r, rc);
         return;
-    }
-
-    len = 0;
-
-    for (cl = r->request_body->bufs; cl; cl = cl->next) {
-        len += ngx_buf_size(cl->buf);
     }
 
     if (len == 0) {
@@ -634,19 +652,8 @@ ngx_http_token_meter_admin_create(ngx_http_request_t *r,
         rc = (json == NULL) ? NGX_ERROR : NGX_OK;
     }
 
-    if (rc == NGX_OK) {
-        rc = ngx_http_token_meter_txn_commit(txn);
-
-    } else {
-        ngx_http_token_meter_txn_abort(txn);
-    }
-
-    if (rc != NGX_OK) {
-        if (json) {
-            json_decref(json);
-        }
-
-        return ngx_http_token_meter_store_error(r, rc);
+    if (ngx_http_token_meter_admin_commit(r, ctx, txn, rc, json) != NGX_OK) {
+        return ctx->rc;
     }
 
     id.data = key_id;
@@ -781,10 +788,7 @@ ngx_http_token_meter_admin_patch(ngx_http_request_t *r,
     ngx_int_t                           rc;
     ngx_uint_t                          code;
     ngx_http_token_meter_txn_t         *txn;
-    ngx_http_token_meter_main_conf_t   *tmcf;
     ngx_http_token_meter_subscriber_t   sub;
-
-    tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_meter_module);
 
     value = json_object_get(ctx->body, "status");
     status = json_string_value(value);
@@ -803,24 +807,11 @@ ngx_http_token_meter_admin_patch(ngx_http_request_t *r,
                                                "or \"suspended\"");
     }
 
-    rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 1,
-                                        r->connection->log);
-    if (rc != NGX_OK) {
-        return ngx_http_token_meter_store_error(r, rc);
-    }
-
-    if (ngx_http_token_meter_admin_subscriber(r, txn, ctx, &sub) != NGX_OK) {
-        ngx_http_token_meter_txn_abort(txn);
+    if (ngx_http_token_meter_admin_open(r, ctx, NGX_HTTP_TOKEN_METER_OPEN_ONLY,
+                                        &txn, &sub)
+        != NGX_OK)
+    {
         return ctx->rc;
-    }
-
-    if (sub.status == NGX_HTTP_TOKEN_METER_CLOSED) {
-        ngx_http_token_meter_txn_abort(txn);
-        return ngx_http_token_meter_send_error(r, NGX_HTTP_CONFLICT,
-                                               "invalid_request_error",
-                                               "subscriber_closed",
-                                               "subscriber sub_%uL is closed",
-                                               sub.id);
     }
 
     sub.status = code;
@@ -834,19 +825,8 @@ ngx_http_token_meter_admin_patch(ngx_http_request_t *r,
         rc = (json == NULL) ? NGX_ERROR : NGX_OK;
     }
 
-    if (rc == NGX_OK) {
-        rc = ngx_http_token_meter_txn_commit(txn);
-
-    } else {
-        ngx_http_token_meter_txn_abort(txn);
-    }
-
-    if (rc != NGX_OK) {
-        if (json) {
-            json_decref(json);
-        }
-
-        return ngx_http_token_meter_store_error(r, rc);
+    if (ngx_http_token_meter_admin_commit(r, ctx, txn, rc, json) != NGX_OK) {
+        return ctx->rc;
     }
 
     ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
@@ -869,21 +849,14 @@ ngx_http_token_meter_admin_delete(ngx_http_request_t *r,
     time_t                              now;
     ngx_int_t                           rc;
     ngx_http_token_meter_txn_t         *txn;
-    ngx_http_token_meter_main_conf_t   *tmcf;
     ngx_http_token_meter_subscriber_t   sub;
-
-    tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_meter_module);
 
     now = ngx_time();
 
-    rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 1,
-                                        r->connection->log);
-    if (rc != NGX_OK) {
-        return ngx_http_token_meter_store_error(r, rc);
-    }
-
-    if (ngx_http_token_meter_admin_subscriber(r, txn, ctx, &sub) != NGX_OK) {
-        ngx_http_token_meter_txn_abort(txn);
+    if (ngx_http_token_meter_admin_open(r, ctx, NGX_HTTP_TOKEN_METER_WRITE,
+                                        &txn, &sub)
+        != NGX_OK)
+    {
         return ctx->rc;
     }
 
@@ -900,19 +873,8 @@ ngx_http_token_meter_admin_delete(ngx_http_request_t *r,
         rc = (json == NULL) ? NGX_ERROR : NGX_OK;
     }
 
-    if (rc == NGX_OK) {
-        rc = ngx_http_token_meter_txn_commit(txn);
-
-    } else {
-        ngx_http_token_meter_txn_abort(txn);
-    }
-
-    if (rc != NGX_OK) {
-        if (json) {
-            json_decref(json);
-        }
-
-        return ngx_http_token_meter_store_error(r, rc);
+    if (ngx_http_token_meter_admin_commit(r, ctx, txn, rc, json) != NGX_OK) {
+        return ctx->rc;
     }
 
     ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
@@ -937,10 +899,7 @@ ngx_http_token_meter_admin_key_create(ngx_http_request_t *r,
     ngx_int_t                           rc;
     ngx_str_t                           key, id;
     ngx_http_token_meter_txn_t         *txn;
-    ngx_http_token_meter_main_conf_t   *tmcf;
     ngx_http_token_meter_subscriber_t   sub;
-
-    tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_meter_module);
 
     key.data = buf;
     key.len = 0;
@@ -951,24 +910,11 @@ ngx_http_token_meter_admin_key_create(ngx_http_request_t *r,
 
     now = ngx_time();
 
-    rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 1,
-                                        r->connection->log);
-    if (rc != NGX_OK) {
-        return ngx_http_token_meter_store_error(r, rc);
-    }
-
-    if (ngx_http_token_meter_admin_subscriber(r, txn, ctx, &sub) != NGX_OK) {
-        ngx_http_token_meter_txn_abort(txn);
+    if (ngx_http_token_meter_admin_open(r, ctx, NGX_HTTP_TOKEN_METER_OPEN_ONLY,
+                                        &txn, &sub)
+        != NGX_OK)
+    {
         return ctx->rc;
-    }
-
-    if (sub.status == NGX_HTTP_TOKEN_METER_CLOSED) {
-        ngx_http_token_meter_txn_abort(txn);
-        return ngx_http_token_meter_send_error(r, NGX_HTTP_CONFLICT,
-                                               "invalid_request_error",
-                                               "subscriber_closed",
-                                               "subscriber sub_%uL is closed",
-                                               sub.id);
     }
 
     rc = ngx_http_token_meter_key_create(txn, sub.id, &key, now, key_id);
@@ -982,15 +928,8 @@ ngx_http_token_meter_admin_key_create(ngx_http_request_t *r,
                                                "in use");
     }
 
-    if (rc == NGX_OK) {
-        rc = ngx_http_token_meter_txn_commit(txn);
-
-    } else {
-        ngx_http_token_meter_txn_abort(txn);
-    }
-
-    if (rc != NGX_OK) {
-        return ngx_http_token_meter_store_error(r, rc);
+    if (ngx_http_token_meter_admin_commit(r, ctx, txn, rc, NULL) != NGX_OK) {
+        return ctx->rc;
     }
 
     id.data = key_id;
@@ -1030,19 +969,12 @@ ngx_http_token_meter_admin_key_revoke(ngx_http_request_t *r,
     int64_t                             revoked;
     ngx_int_t                           rc;
     ngx_http_token_meter_txn_t         *txn;
-    ngx_http_token_meter_main_conf_t   *tmcf;
     ngx_http_token_meter_subscriber_t   sub;
 
-    tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_meter_module);
-
-    rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 1,
-                                        r->connection->log);
-    if (rc != NGX_OK) {
-        return ngx_http_token_meter_store_error(r, rc);
-    }
-
-    if (ngx_http_token_meter_admin_subscriber(r, txn, ctx, &sub) != NGX_OK) {
-        ngx_http_token_meter_txn_abort(txn);
+    if (ngx_http_token_meter_admin_open(r, ctx, NGX_HTTP_TOKEN_METER_WRITE,
+                                        &txn, &sub)
+        != NGX_OK)
+    {
         return ctx->rc;
     }
 
@@ -1059,15 +991,8 @@ ngx_http_token_meter_admin_key_revoke(ngx_http_request_t *r,
                                                &ctx->segment[3]);
     }
 
-    if (rc == NGX_OK) {
-        rc = ngx_http_token_meter_txn_commit(txn);
-
-    } else {
-        ngx_http_token_meter_txn_abort(txn);
-    }
-
-    if (rc != NGX_OK) {
-        return ngx_http_token_meter_store_error(r, rc);
+    if (ngx_http_token_meter_admin_commit(r, ctx, txn, rc, NULL) != NGX_OK) {
+        return ctx->rc;
     }
 
     json = json_object();
@@ -1183,14 +1108,10 @@ ngx_http_token_meter_admin_purchase(ngx_http_request_t *r,
 
     now = ngx_time();
 
-    rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 1,
-                                        r->connection->log);
-    if (rc != NGX_OK) {
-        return ngx_http_token_meter_store_error(r, rc);
-    }
-
-    if (ngx_http_token_meter_admin_subscriber(r, txn, ctx, &sub) != NGX_OK) {
-        ngx_http_token_meter_txn_abort(txn);
+    if (ngx_http_token_meter_admin_open(r, ctx, NGX_HTTP_TOKEN_METER_WRITE,
+                                        &txn, &sub)
+        != NGX_OK)
+    {
         return ctx->rc;
     }
 
@@ -1311,19 +1232,8 @@ ngx_http_token_meter_admin_purchase(ngx_http_request_t *r,
         free(text);
     }
 
-    if (rc == NGX_OK) {
-        rc = ngx_http_token_meter_txn_commit(txn);
-
-    } else {
-        ngx_http_token_meter_txn_abort(txn);
-    }
-
-    if (rc != NGX_OK) {
-        if (json) {
-            json_decref(json);
-        }
-
-        return ngx_http_token_meter_store_error(r, rc);
+    if (ngx_http_token_meter_admin_commit(r, ctx, txn, rc, json) != NGX_OK) {
+        return ctx->rc;
     }
 
     ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
@@ -1375,6 +1285,78 @@ ngx_http_token_meter_admin_billing(ngx_http_request_t *r,
     ngx_http_token_meter_admin_ctx_t *ctx)
 {
     return ngx_http_token_meter_billing_export(r, &ctx->segment[1]);
+}
+
+
+/*
+ * Starts a transaction and reads the subscriber the path names; with
+ * NGX_HTTP_TOKEN_METER_OPEN_ONLY a closed account is refused with 409.
+ */
+
+static ngx_int_t
+ngx_http_token_meter_admin_open(ngx_http_request_t *r,
+    ngx_http_token_meter_admin_ctx_t *ctx, ngx_uint_t flags,
+    ngx_http_token_meter_txn_t **txnp, ngx_http_token_meter_subscriber_t *sub)
+{
+    ngx_int_t                          rc;
+    ngx_http_token_meter_main_conf_t  *tmcf;
+
+    tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_meter_module);
+
+    rc = ngx_http_token_meter_txn_begin(tmcf->store, txnp,
+                                        flags & NGX_HTTP_TOKEN_METER_WRITE,
+                                        r->connection->log);
+    if (rc != NGX_OK) {
+        ctx->rc = ngx_http_token_meter_store_error(r, rc);
+        return NGX_DECLINED;
+    }
+
+    if (ngx_http_token_meter_admin_subscriber(r, *txnp, ctx, sub) != NGX_OK) {
+        ngx_http_token_meter_txn_abort(*txnp);
+        return NGX_DECLINED;
+    }
+
+    if ((flags & NGX_HTTP_TOKEN_METER_OPEN_ONLY)
+        == NGX_HTTP_TOKEN_METER_OPEN_ONLY
+        && sub->status == NGX_HTTP_TOKEN_METER_CLOSED)
+    {
+        ngx_http_token_meter_txn_abort(*txnp);
+
+        return ngx_http_token_meter_admin_fail(r, ctx, NGX_HTTP_CONFLICT,
+                                               "subscriber_closed",
+                                               "subscriber sub_%uL is closed",
+                                               sub->id);
+    }
+
+    return NGX_OK;
+}
+
+
+/* commits what a call changed, or undoes it; a failure answers 503 */
+
+static ngx_int_t
+ngx_http_token_meter_admin_commit(ngx_http_request_t *r,
+    ngx_http_token_meter_admin_ctx_t *ctx, ngx_http_token_meter_txn_t *txn,
+    ngx_int_t rc, json_t *json)
+{
+    if (rc == NGX_OK) {
+        rc = ngx_http_token_meter_txn_commit(txn);
+
+    } else {
+        ngx_http_token_meter_txn_abort(txn);
+    }
+
+    if (rc == NGX_OK) {
+        return NGX_OK;
+    }
+
+    if (json) {
+        json_decref(json);
+    }
+
+    ctx->rc = ngx_http_token_meter_store_error(r, rc);
+
+    return NGX_DECLINED;
 }
 
 

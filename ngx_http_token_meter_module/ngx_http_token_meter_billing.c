@@ -902,11 +902,9 @@ ngx_http_token_meter_bill_csv(ngx_http_request_t *r,
 {
     u_char                             *p;
     size_t                              len;
-    ngx_int_t                           rc;
     ngx_buf_t                          *b;
     ngx_str_t                          *ref, s;
     ngx_uint_t                          i, j;
-    ngx_chain_t                         out;
     ngx_http_token_meter_row_t        **rp, *rw;
     ngx_http_token_meter_model_sum_t   *sum;
 
@@ -1018,26 +1016,9 @@ ngx_http_token_meter_bill_csv(ngx_http_request_t *r,
     }
 
     b->last = p;
-    b->last_buf = 1;
-    b->last_in_chain = 1;
 
-    r->headers_out.status = NGX_HTTP_OK;
-    r->headers_out.content_length_n = b->last - b->pos;
-
-    ngx_str_set(&r->headers_out.content_type, "text/csv; charset=utf-8");
-    r->headers_out.content_type_len = sizeof("text/csv") - 1;
-    r->headers_out.content_type_lowcase = NULL;
-
-    rc = ngx_http_send_header(r);
-
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
+    return ngx_http_token_meter_send_buf(r, NGX_HTTP_OK,
+                                         "text/csv; charset=utf-8", b);
 }
 
 

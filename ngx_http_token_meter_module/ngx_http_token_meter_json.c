@@ -17,11 +17,9 @@ ngx_int_t
 ngx_http_token_meter_send_json(ngx_http_request_t *r, ngx_uint_t status,
     json_t *json)
 {
-    char         *text;
-    size_t        len;
-    ngx_int_t     rc;
-    ngx_buf_t    *b;
-    ngx_chain_t   out;
+    char       *text;
+    size_t      len;
+    ngx_buf_t  *b;
 
     text = json_dumps(json, JSON_COMPACT);
     if (text == NULL) {
@@ -41,13 +39,27 @@ ngx_http_token_meter_send_json(ngx_http_request_t *r, ngx_uint_t status,
 
     free(text);
 
+    return ngx_http_token_meter_send_buf(r, status, "application/json", b);
+}
+
+
+/* sends a whole answer that is in one buffer */
+
+ngx_int_t
+ngx_http_token_meter_send_buf(ngx_http_request_t *r, ngx_uint_t status,
+    char *type, ngx_buf_t *b)
+{
+    ngx_int_t     rc;
+    ngx_chain_t   out;
+
     b->last_buf = (r == r->main) ? 1 : 0;
     b->last_in_chain = 1;
 
     r->headers_out.status = status;
     r->headers_out.content_length_n = b->last - b->pos;
 
-    ngx_str_set(&r->headers_out.content_type, "application/json");
+    r->headers_out.content_type.data = (u_char *) type;
+    r->headers_out.content_type.len = ngx_strlen(type);
     r->headers_out.content_type_len = r->headers_out.content_type.len;
     r->headers_out.content_type_lowcase = NULL;
 

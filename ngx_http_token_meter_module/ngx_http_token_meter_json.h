@@ -16,6 +16,8 @@
 
 ngx_int_t ngx_http_token_meter_send_json(ngx_http_request_t *r,
     ngx_uint_t status, json_t *json);
+ngx_int_t ngx_http_token_meter_send_buf(ngx_http_request_t *r,
+    ngx_uint_t status, char *type, ngx_buf_t *b);
 ngx_int_t ngx_http_token_meter_send_error(ngx_http_request_t *r,
     ngx_uint_t status, const char *type, const char *code,
     const char *fmt, ...);

@@ -9,6 +9,7 @@
 #include <ngx_http.h>
 
 #include "ngx_http_token_meter_module.h"
+#include "ngx_http_token_meter_json.h"
 
 
 #define NGX_HTTP_TOKEN_METER_STAT_MODELS   512
@@ -254,7 +255,6 @@ ngx_http_token_meter_metrics_handler(ngx_http_request_t *r)
     ngx_int_t                           rc;
     ngx_buf_t                          *b;
     ngx_uint_t                          i, j;
-    ngx_chain_t                         out;
     ngx_http_token_meter_stats_t       *stats;
     ngx_http_token_meter_store_stat_t   st;
     ngx_http_token_meter_model_stat_t  *ms;
@@ -384,25 +384,7 @@ ngx_http_token_meter_metrics_handler(ngx_http_request_t *r)
     }
 
     b->last = p;
-    b->last_buf = 1;
-    b->last_in_chain = 1;
 
-    r->headers_out.status = NGX_HTTP_OK;
-    r->headers_out.content_length_n = b->last - b->pos;
-
-    ngx_str_set(&r->headers_out.content_type,
-                "text/plain; version=0.0.4; charset=utf-8");
-    r->headers_out.content_type_len = sizeof("text/plain") - 1;
-    r->headers_out.content_type_lowcase = NULL;
-
-    rc = ngx_http_send_header(r);
-
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
+    return ngx_http_token_meter_send_buf(r, NGX_HTTP_OK,
+                                         "text/plain; version=0.0.4; charset=utf-8", b);
 }

@@ -432,7 +432,6 @@ ngx_http_token_meter_store_directive(ngx_conf_t *cf, ngx_command_t *cmd,
 {
     ngx_http_token_meter_main_conf_t  *tmcf = conf;
 
-    char        *rv;
     size_t       size;
     ngx_str_t   *value, path, s;
     ngx_msec_t   sync;
@@ -514,14 +513,9 @@ ngx_http_token_meter_store_directive(ngx_conf_t *cf, ngx_command_t *cmd,
 
     tmcf->store_path = path;
 
-    rv = ngx_http_token_meter_store_check(tmcf->store, cf->log);
+    /* a message returned here is shown after the directive's name */
 
-    if (rv != NGX_CONF_OK && rv != NGX_CONF_ERROR) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "%s", rv);
-        return NGX_CONF_ERROR;
-    }
-
-    return rv;
+    return ngx_http_token_meter_store_check(tmcf->store, cf->log);
 }
 
 

@@ -172,6 +172,7 @@ char *ngx_http_token_meter_admin_key(ngx_conf_t *cf, ngx_command_t *cmd,
 void ngx_http_token_meter_sha256(u_char *data, size_t len, u_char *digest);
 ngx_int_t ngx_http_token_meter_random(u_char *buf, size_t len);
 u_char *ngx_http_token_meter_time(u_char *p, time_t t);
+ngx_int_t ngx_http_token_meter_bearer(ngx_table_elt_t *h, ngx_str_t *token);
 ngx_int_t ngx_http_token_meter_parse_points(ngx_str_t *s, ngx_uint_t scale,
     int64_t *value);
 

@@ -40,16 +40,16 @@ ngx_http_token_meter_balance_handler(ngx_http_request_t *r)
 
     static char  *status[] = { "", "active", "suspended", "closed" };
 
+    rc = ngx_http_discard_request_body(r);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
     if (r->method != NGX_HTTP_GET && r->method != NGX_HTTP_HEAD) {
         return ngx_http_token_meter_send_error(r, NGX_HTTP_NOT_ALLOWED,
                                                "invalid_request_error",
                                                "method_not_allowed",
                                                "Use GET for the balance.");
-    }
-
-    rc = ngx_http_discard_request_body(r);
-    if (rc != NGX_OK) {
-        return rc;
     }
 
     if (ngx_http_token_meter_api_key(r, &key) != NGX_OK) {
@@ -143,16 +143,16 @@ ngx_http_token_meter_models_handler(ngx_http_request_t *r)
     ngx_http_token_meter_model_t      *m;
     ngx_http_token_meter_main_conf_t  *tmcf;
 
+    rc = ngx_http_discard_request_body(r);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
     if (r->method != NGX_HTTP_GET && r->method != NGX_HTTP_HEAD) {
         return ngx_http_token_meter_send_error(r, NGX_HTTP_NOT_ALLOWED,
                                                "invalid_request_error",
                                                "method_not_allowed",
                                                "Use GET for the model list.");
-    }
-
-    rc = ngx_http_discard_request_body(r);
-    if (rc != NGX_OK) {
-        return rc;
     }
 
     tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_meter_module);

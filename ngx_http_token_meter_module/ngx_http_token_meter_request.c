@@ -136,28 +136,14 @@ ngx_http_token_meter_access_handler(ngx_http_request_t *r)
 ngx_int_t
 ngx_http_token_meter_api_key(ngx_http_request_t *r, ngx_str_t *key)
 {
-    u_char           *p, *last;
     ngx_uint_t        i;
     ngx_list_part_t  *part;
     ngx_table_elt_t  *h;
 
-    h = r->headers_in.authorization;
-
-    if (h && h->value.len > 7
-        && ngx_strncasecmp(h->value.data, (u_char *) "Bearer ", 7) == 0)
+    if (ngx_http_token_meter_bearer(r->headers_in.authorization, key)
+        == NGX_OK)
     {
-        p = h->value.data + 7;
-        last = h->value.data + h->value.len;
-
-        while (p < last && *p == ' ') {
-            p++;
-        }
-
-        if (p < last) {
-            key->data = p;
-            key->len = last - p;
-            return NGX_OK;
-        }
+        return NGX_OK;
     }
 
     part = &r->headers_in.headers.part;

@@ -33,6 +33,8 @@ enum {
 
 static void ngx_http_token_meter_json_char(
     ngx_http_token_meter_json_scan_t *s, u_char ch);
+static ngx_uint_t ngx_http_token_meter_sse_data(
+    ngx_http_token_meter_sse_scan_t *s);
 static ngx_uint_t ngx_http_token_meter_key_is(
     ngx_http_token_meter_json_scan_t *s, u_char *key, size_t len,
     char *name);
@@ -382,18 +384,7 @@ ngx_http_token_meter_sse_scan(ngx_http_token_meter_sse_scan_t *s, u_char *p,
 
                 /* a field name alone, as "data", is a field with no value */
 
-                if (s->field_len == 4
-                    && ngx_strncmp(s->field, "data", 4) == 0)
-                {
-                    if (s->data_lines) {
-                        ngx_http_token_meter_json_scan(&s->json,
-                                                       (u_char *) "\n",
-                                                       (u_char *) "\n" + 1);
-                    }
-
-                    s->data_lines = 1;
-                    s->event_has_data = 1;
-                }
+                (void) ngx_http_token_meter_sse_data(s);
             }
 
             s->state = sw_line_start;
@@ -418,24 +409,8 @@ ngx_http_token_meter_sse_scan(ngx_http_token_meter_sse_scan_t *s, u_char *p,
 
             if (ch == ':') {
 
-                if (s->field_len == 4
-                    && ngx_strncmp(s->field, "data", 4) == 0)
-                {
-                    /* lines of one event's data are joined with "\n" */
-
-                    if (s->data_lines) {
-                        ngx_http_token_meter_json_scan(&s->json,
-                                                       (u_char *) "\n",
-                                                       (u_char *) "\n" + 1);
-                    }
-
-                    s->data_lines = 1;
-                    s->event_has_data = 1;
-                    s->state = sw_value_start;
-
-                } else {
-                    s->state = sw_skip;
-                }
+                s->state = ngx_http_token_meter_sse_data(s) ? sw_value_start
+                                                             : sw_skip;
 
                 break;
             }
@@ -467,6 +442,27 @@ ngx_http_token_meter_sse_scan(ngx_http_token_meter_sse_scan_t *s, u_char *p,
     }
 
     return p;
+}
+
+
+/* a "data" field starts: its lines within one event are joined with "\n" */
+
+static ngx_uint_t
+ngx_http_token_meter_sse_data(ngx_http_token_meter_sse_scan_t *s)
+{
+    if (s->field_len != 4 || ngx_strncmp(s->field, "data", 4) != 0) {
+        return 0;
+    }
+
+    if (s->data_lines) {
+        ngx_http_token_meter_json_scan(&s->json, (u_char *) "\n",
+                                       (u_char *) "\n" + 1);
+    }
+
+    s->data_lines = 1;
+    s->event_has_data = 1;
+
+    return 1;
 }
 
 

@@ -125,3 +125,34 @@ ngx_http_token_meter_parse_points(ngx_str_t *s, ngx_uint_t scale,
 
     return NGX_OK;
 }
+
+
+/* the credentials of "Authorization: Bearer <token>" */
+
+ngx_int_t
+ngx_http_token_meter_bearer(ngx_table_elt_t *h, ngx_str_t *token)
+{
+    u_char  *p, *last;
+
+    if (h == NULL || h->value.len <= 7
+        || ngx_strncasecmp(h->value.data, (u_char *) "Bearer ", 7) != 0)
+    {
+        return NGX_DECLINED;
+    }
+
+    p = h->value.data + 7;
+    last = h->value.data + h->value.len;
+
+    while (p < last && *p == ' ') {
+        p++;
+    }
+
+    if (p == last) {
+        return NGX_DECLINED;
+    }
+
+    token->data = p;
+    token->len = last - p;
+
+    return NGX_OK;
+}
