@@ -416,18 +416,10 @@ static ngx_int_t
 ngx_http_token_meter_admin_405(ngx_http_request_t *r,
     ngx_http_token_meter_admin_ctx_t *ctx, char *allow)
 {
-    ngx_table_elt_t  *h;
-
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
+    if (ngx_http_token_meter_allow(r, allow) != NGX_OK) {
         ctx->rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
         return NGX_DECLINED;
     }
-
-    h->hash = 1;
-    ngx_str_set(&h->key, "Allow");
-    h->value.data = (u_char *) allow;
-    h->value.len = ngx_strlen(allow);
 
     return ngx_http_token_meter_admin_fail(r, ctx, NGX_HTTP_NOT_ALLOWED,
                                            "method_not_allowed",

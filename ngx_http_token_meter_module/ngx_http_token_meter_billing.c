@@ -54,6 +54,8 @@ typedef struct {
 } ngx_http_token_meter_bill_t;
 
 
+static ngx_int_t ngx_http_token_meter_arg(ngx_http_request_t *r, char *name,
+    ngx_str_t *value);
 static ngx_int_t ngx_http_token_meter_parse_time(ngx_str_t *s, int64_t *t);
 static int64_t ngx_http_token_meter_days(int64_t y, int64_t m, int64_t d);
 static json_t *ngx_http_token_meter_record_json(
@@ -100,7 +102,7 @@ ngx_http_token_meter_usage_list(ngx_http_request_t *r,
     int64_t                          from, to, t;
     ngx_int_t                        rc, n, limit;
     ngx_str_t                        arg, k, v, cursor;
-    ngx_uint_t                       i, count;
+    ngx_uint_t                       i, count, more;
     ngx_http_token_meter_cursor_t   *cur;
     ngx_http_token_meter_record_t    record;
     u_char                           key[32], last[32];
@@ -110,19 +112,19 @@ ngx_http_token_meter_usage_list(ngx_http_request_t *r,
     to = -1;
     limit = NGX_HTTP_TOKEN_METER_PAGE_DEFAULT;
 
-    if (ngx_http_arg(r, (u_char *) "from", 4, &arg) == NGX_OK
+    if (ngx_http_token_meter_arg(r, "from", &arg) == NGX_OK
         && ngx_http_token_meter_parse_time(&arg, &from) != NGX_OK)
     {
         goto invalid;
     }
 
-    if (ngx_http_arg(r, (u_char *) "to", 2, &arg) == NGX_OK
+    if (ngx_http_token_meter_arg(r, "to", &arg) == NGX_OK
         && ngx_http_token_meter_parse_time(&arg, &to) != NGX_OK)
     {
         goto invalid;
     }
 
-    if (ngx_http_arg(r, (u_char *) "limit", 5, &arg) == NGX_OK) {
+    if (ngx_http_token_meter_arg(r, "limit", &arg) == NGX_OK) {
         limit = ngx_atoi(arg.data, arg.len);
 
         if (limit < 1 || limit > NGX_HTTP_TOKEN_METER_PAGE_MAX) {
@@ -136,7 +138,7 @@ ngx_http_token_meter_usage_list(ngx_http_request_t *r,
 
     cursor.len = 0;
 
-    if (ngx_http_arg(r, (u_char *) "cursor", 6, &cursor) == NGX_OK) {
+    if (ngx_http_token_meter_arg(r, "cursor", &cursor) == NGX_OK) {
 
         /* the cursor is the time and request id of the last record sent */
 
@@ -166,6 +168,7 @@ ngx_http_token_meter_usage_list(ngx_http_request_t *r,
     data = json_array();
 
     count = 0;
+    more = 0;
 
     for (rc = ngx_http_token_meter_cursor_seek(cur, key, 32, &k, &v);
          rc == NGX_OK;
@@ -186,6 +189,7 @@ ngx_http_token_meter_usage_list(ngx_http_request_t *r,
         }
 
         if (count == (ngx_uint_t) limit) {
+            more = 1;
             break;
         }
 
@@ -225,16 +229,9 @@ ngx_http_token_meter_usage_list(ngx_http_request_t *r,
         return ngx_http_token_meter_store_error(r, rc);
     }
 
-    /* rc == NGX_OK here means the loop stopped with records left */
-
     ngx_http_token_meter_json_set(json, "object", json_string("list"));
     ngx_http_token_meter_json_set(json, "data", data);
-    ngx_http_token_meter_json_set(json, "has_more",
-                                  json_boolean(rc == NGX_OK
-                                               && count == (ngx_uint_t) limit
-                                               && k.len == 32
-                                               && ngx_memcmp(k.data, key, 8)
-                                                  == 0));
+    ngx_http_token_meter_json_set(json, "has_more", json_boolean(more));
 
     if (count) {
         p = ngx_hex_dump(hex, last + 8, 24);
@@ -1064,6 +1061,34 @@ ngx_http_token_meter_yuan(u_char *p, int64_t fen)
 }
 
 
+/* a query argument, percent-decoded */
+
+static ngx_int_t
+ngx_http_token_meter_arg(ngx_http_request_t *r, char *name, ngx_str_t *value)
+{
+    u_char     *dst, *src;
+    ngx_str_t   arg;
+
+    if (ngx_http_arg(r, (u_char *) name, ngx_strlen(name), &arg) != NGX_OK) {
+        return NGX_DECLINED;
+    }
+
+    value->data = ngx_pnalloc(r->pool, arg.len);
+    if (value->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    dst = value->data;
+    src = arg.data;
+
+    ngx_unescape_uri(&dst, &src, arg.len, NGX_UNESCAPE_URI);
+
+    value->len = dst - value->data;
+
+    return NGX_OK;
+}
+
+
 /* RFC 3339 ("2026-12-03T18:40:57Z", "...+08:00", "2026-12-03"), or seconds */
 
 static ngx_int_t
@@ -1071,7 +1096,7 @@ ngx_http_token_meter_parse_time(ngx_str_t *s, int64_t *t)
 {
     u_char     *p, *last;
     int64_t     y, mo, d, h, mi, sec, off;
-    ngx_int_t   n;
+    ngx_int_t   n, oh, om;
 
     p = s->data;
     last = p + s->len;
@@ -1129,13 +1154,14 @@ ngx_http_token_meter_parse_time(ngx_str_t *s, int64_t *t)
             p++;
 
         } else if (last - p == 6 && (*p == '+' || *p == '-') && p[3] == ':') {
-            off = ngx_atoi(p + 1, 2) * 3600 + ngx_atoi(p + 4, 2) * 60;
+            oh = ngx_atoi(p + 1, 2);
+            om = ngx_atoi(p + 4, 2);
 
-            if (off < 0) {
+            if (oh == NGX_ERROR || om == NGX_ERROR || oh > 23 || om > 59) {
                 return NGX_ERROR;
             }
 
-            off = (*p == '-') ? -off : off;
+            off = (oh * 3600 + om * 60) * (*p == '-' ? -1 : 1);
             p += 6;
         }
     }

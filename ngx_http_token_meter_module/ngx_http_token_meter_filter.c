@@ -370,8 +370,15 @@ ngx_http_token_meter_event(void *data, ngx_http_token_meter_json_scan_t *json)
     ctx->event_done = 1;
     ctx->event_strip = 0;
 
-    ctx->seen.ascii += json->text.ascii;
-    ctx->seen.other += json->text.other;
+    /*
+     * Responses API streams repeat the text of their ".delta" events in
+     * ".done" and "response.completed" events: only deltas are counted
+     */
+
+    if (!ctx->sse->repeat) {
+        ctx->seen.ascii += json->text.ascii;
+        ctx->seen.other += json->text.other;
+    }
 
     if (!json->captured) {
         return;
@@ -379,9 +386,12 @@ ngx_http_token_meter_event(void *data, ngx_http_token_meter_json_scan_t *json)
 
     ngx_http_token_meter_usage(ctx, json);
 
-    /* the usage-only chunk has no choices; content chunks keep theirs */
+    /*
+     * the usage-only chunk has no choices, content chunks keep theirs; it
+     * goes even when its usage cannot be believed
+     */
 
-    if (ctx->usage_found && ctx->strip_usage && !json->choice) {
+    if (ctx->strip_usage && !json->choice) {
         ctx->event_strip = 1;
     }
 }

@@ -164,3 +164,22 @@ ngx_http_token_meter_json_set(json_t *obj, const char *key, json_t *value)
 
     return NGX_OK;
 }
+
+
+ngx_int_t
+ngx_http_token_meter_allow(ngx_http_request_t *r, char *methods)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Allow");
+    h->value.data = (u_char *) methods;
+    h->value.len = ngx_strlen(methods);
+
+    return NGX_OK;
+}

@@ -24,6 +24,7 @@ ngx_int_t ngx_http_token_meter_send_error(ngx_http_request_t *r,
 ngx_int_t ngx_http_token_meter_send_verror(ngx_http_request_t *r,
     ngx_uint_t status, const char *type, const char *code, const char *fmt,
     va_list args);
+ngx_int_t ngx_http_token_meter_allow(ngx_http_request_t *r, char *methods);
 json_t *ngx_http_token_meter_json_string(ngx_str_t *s);
 json_t *ngx_http_token_meter_json_time(time_t t);
 ngx_int_t ngx_http_token_meter_json_set(json_t *obj, const char *key,

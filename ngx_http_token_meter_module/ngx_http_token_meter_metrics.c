@@ -260,13 +260,20 @@ ngx_http_token_meter_metrics_handler(ngx_http_request_t *r)
     ngx_http_token_meter_model_stat_t  *ms;
     ngx_http_token_meter_main_conf_t   *tmcf;
 
-    if (r->method != NGX_HTTP_GET && r->method != NGX_HTTP_HEAD) {
-        return NGX_HTTP_NOT_ALLOWED;
-    }
-
     rc = ngx_http_discard_request_body(r);
     if (rc != NGX_OK) {
         return rc;
+    }
+
+    if (r->method != NGX_HTTP_GET && r->method != NGX_HTTP_HEAD) {
+        if (ngx_http_token_meter_allow(r, "GET, HEAD") != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        return ngx_http_token_meter_send_error(r, NGX_HTTP_NOT_ALLOWED,
+                                               "invalid_request_error",
+                                               "method_not_allowed",
+                                               "Use GET for the metrics.");
     }
 
     tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_meter_module);

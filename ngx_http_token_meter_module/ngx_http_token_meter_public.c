@@ -46,6 +46,10 @@ ngx_http_token_meter_balance_handler(ngx_http_request_t *r)
     }
 
     if (r->method != NGX_HTTP_GET && r->method != NGX_HTTP_HEAD) {
+        if (ngx_http_token_meter_allow(r, "GET, HEAD") != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
         return ngx_http_token_meter_send_error(r, NGX_HTTP_NOT_ALLOWED,
                                                "invalid_request_error",
                                                "method_not_allowed",
@@ -149,6 +153,10 @@ ngx_http_token_meter_models_handler(ngx_http_request_t *r)
     }
 
     if (r->method != NGX_HTTP_GET && r->method != NGX_HTTP_HEAD) {
+        if (ngx_http_token_meter_allow(r, "GET, HEAD") != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
         return ngx_http_token_meter_send_error(r, NGX_HTTP_NOT_ALLOWED,
                                                "invalid_request_error",
                                                "method_not_allowed",

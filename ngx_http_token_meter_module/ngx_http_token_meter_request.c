@@ -56,7 +56,6 @@ ngx_http_token_meter_access_handler(ngx_http_request_t *r)
 {
     ngx_int_t                          rc;
     ngx_str_t                          key;
-    ngx_http_core_loc_conf_t          *clcf;
     ngx_http_token_meter_ctx_t        *ctx;
     ngx_http_token_meter_loc_conf_t   *tmlcf;
 
@@ -103,21 +102,13 @@ ngx_http_token_meter_access_handler(ngx_http_request_t *r)
     }
 
     if (r->method != NGX_HTTP_POST) {
+        if (ngx_http_token_meter_allow(r, "POST") != NGX_OK) {
+            return NGX_ERROR;
+        }
+
         return ngx_http_token_meter_fail(r, NGX_HTTP_NOT_ALLOWED,
                    "invalid_request_error", "method_not_allowed",
                    "Only POST requests are metered here.");
-    }
-
-    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
-
-    if (clcf->client_max_body_size
-        && r->headers_in.content_length_n > clcf->client_max_body_size)
-    {
-        return ngx_http_token_meter_fail(r,
-                   NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, "invalid_request_error",
-                   "request_too_large",
-                   "The request body is larger than %O bytes.",
-                   clcf->client_max_body_size);
     }
 
     rc = ngx_http_read_client_request_body(r,
@@ -958,6 +949,7 @@ ngx_int_t
 ngx_http_token_meter_init_models(ngx_conf_t *cf,
     ngx_http_token_meter_main_conf_t *tmcf)
 {
+    size_t                          longest;
     ngx_uint_t                      i, j;
     ngx_hash_init_t                 hash;
     ngx_hash_key_t                 *key;
@@ -976,6 +968,7 @@ ngx_http_token_meter_init_models(ngx_conf_t *cf,
 
     model = tmcf->models.elts;
     uscf = umcf->upstreams.elts;
+    longest = 0;
 
     for (i = 0; i < tmcf->models.nelts; i++) {
 
@@ -1003,6 +996,8 @@ ngx_http_token_meter_init_models(ngx_conf_t *cf,
             return NGX_ERROR;
         }
 
+        longest = ngx_max(longest, model[i].name.len);
+
         key->key = model[i].name;
         key->key_hash = ngx_hash_key(model[i].name.data, model[i].name.len);
         key->value = &model[i];
@@ -1011,7 +1006,9 @@ ngx_http_token_meter_init_models(ngx_conf_t *cf,
     hash.hash = &tmcf->models_hash;
     hash.key = ngx_hash_key;
     hash.max_size = 4096;
-    hash.bucket_size = ngx_align(64, ngx_cacheline_size);
+    hash.bucket_size = ngx_align(ngx_max(64, longest + 2 * sizeof(void *)
+                                                 + 2),
+                                 ngx_cacheline_size);
     hash.name = "token_meter_models_hash";
     hash.pool = cf->pool;
     hash.temp_pool = NULL;

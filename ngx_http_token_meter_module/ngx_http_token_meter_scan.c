@@ -35,6 +35,8 @@ static void ngx_http_token_meter_json_char(
     ngx_http_token_meter_json_scan_t *s, u_char ch);
 static ngx_uint_t ngx_http_token_meter_sse_data(
     ngx_http_token_meter_sse_scan_t *s);
+static void ngx_http_token_meter_sse_event_name(
+    ngx_http_token_meter_sse_scan_t *s);
 static ngx_uint_t ngx_http_token_meter_key_is(
     ngx_http_token_meter_json_scan_t *s, u_char *key, size_t len,
     char *name);
@@ -376,6 +378,7 @@ ngx_http_token_meter_sse_scan(ngx_http_token_meter_sse_scan_t *s, u_char *p,
                 ngx_http_token_meter_json_scan_init(&s->json);
                 s->event_has_data = 0;
                 s->data_lines = 0;
+                s->repeat = 0;
 
                 return p + 1;
             }
@@ -385,6 +388,10 @@ ngx_http_token_meter_sse_scan(ngx_http_token_meter_sse_scan_t *s, u_char *p,
                 /* a field name alone, as "data", is a field with no value */
 
                 (void) ngx_http_token_meter_sse_data(s);
+            }
+
+            if (s->event_name) {
+                ngx_http_token_meter_sse_event_name(s);
             }
 
             s->state = sw_line_start;
@@ -409,8 +416,22 @@ ngx_http_token_meter_sse_scan(ngx_http_token_meter_sse_scan_t *s, u_char *p,
 
             if (ch == ':') {
 
-                s->state = ngx_http_token_meter_sse_data(s) ? sw_value_start
-                                                             : sw_skip;
+                if (ngx_http_token_meter_sse_data(s)) {
+                    s->state = sw_value_start;
+
+                } else if (s->field_len == 5
+                           && ngx_strncmp(s->field, "event", 5) == 0)
+                {
+                    /* only the last 8 bytes of the name are kept */
+
+                    s->event_name = 1;
+                    s->name_dot = 0;
+                    s->name_len = 0;
+                    s->state = sw_skip;
+
+                } else {
+                    s->state = sw_skip;
+                }
 
                 break;
             }
@@ -437,11 +458,42 @@ ngx_http_token_meter_sse_scan(ngx_http_token_meter_sse_scan_t *s, u_char *p,
             break;
 
         default: /* sw_skip */
+
+            if (s->event_name && !(s->name_len == 0 && ch == ' ')) {
+                s->name[s->name_len++ % sizeof(s->name)] = ch;
+                s->name_dot |= (ch == '.');
+            }
+
             break;
         }
     }
 
     return p;
+}
+
+
+/*
+ * An event named like "response.output_text.done" repeats text sent
+ * before; one named "message", or a ".delta", or none at all, does not.
+ */
+
+static void
+ngx_http_token_meter_sse_event_name(ngx_http_token_meter_sse_scan_t *s)
+{
+    ngx_uint_t  i, n, delta;
+    u_char      tail[sizeof(s->name)];
+
+    s->event_name = 0;
+
+    n = ngx_min(s->name_len, sizeof(s->name));
+
+    for (i = 0; i < n; i++) {
+        tail[i] = s->name[(s->name_len - n + i) % sizeof(s->name)];
+    }
+
+    delta = (n >= 6 && ngx_strncmp(tail + n - 6, ".delta", 6) == 0);
+
+    s->repeat = s->name_dot && !delta;
 }
 
 
@@ -483,7 +535,8 @@ ngx_http_token_meter_usage_parse(u_char *text, size_t len,
     u_char      *p, *last, *start;
     size_t       key_len;
     int64_t      n, hits, *target;
-    ngx_uint_t   depth, found, cached, in_details, expect_key, string, i;
+    ngx_uint_t   depth, found, cached, in_details, expect_key, need_value;
+    ngx_uint_t   string, i;
     u_char       key[NGX_HTTP_TOKEN_METER_KEY_MAX];
 
     static struct {
@@ -509,6 +562,7 @@ ngx_http_token_meter_usage_parse(u_char *text, size_t len,
     hits = -1;
     in_details = 0;
     expect_key = 0;
+    need_value = 0;
     key_len = 0;
 
     while (p < last) {
@@ -521,6 +575,7 @@ ngx_http_token_meter_usage_parse(u_char *text, size_t len,
 
         case '{':
             depth++;
+            need_value = 0;
 
             /* the only nested object read is the one with cached tokens */
 
@@ -538,7 +593,7 @@ ngx_http_token_meter_usage_parse(u_char *text, size_t len,
 
         case '}':
         case ']':
-            if (depth == 0) {
+            if (depth == 0 || need_value) {
                 return NGX_ERROR;
             }
 
@@ -550,12 +605,17 @@ ngx_http_token_meter_usage_parse(u_char *text, size_t len,
 
         case '[':
             depth++;
+            need_value = 0;
             in_details = 0;
             expect_key = 0;
             p++;
             continue;
 
         case ',':
+            if (need_value) {
+                return NGX_ERROR;
+            }
+
             expect_key = (depth == 1 || in_details);
             p++;
             continue;
@@ -593,6 +653,7 @@ ngx_http_token_meter_usage_parse(u_char *text, size_t len,
 
         if (expect_key) {
             expect_key = 0;
+            need_value = 1;
             key_len = 0;
 
             if (string && (size_t) (p - start - 2)
@@ -605,6 +666,7 @@ ngx_http_token_meter_usage_parse(u_char *text, size_t len,
             continue;
         }
 
+        need_value = 0;
         target = NULL;
 
         if (depth == 1) {
@@ -671,7 +733,7 @@ ngx_http_token_meter_usage_parse(u_char *text, size_t len,
         }
     }
 
-    if (!found || depth != 0) {
+    if (!found || depth != 0 || need_value) {
         return NGX_ERROR;
     }
 

@@ -82,6 +82,11 @@ typedef struct {
     unsigned                    cr:1;
     unsigned                    data_lines:1;
     unsigned                    event_has_data:1;
+    unsigned                    repeat:1;
+    unsigned                    event_name:1;
+    unsigned                    name_dot:1;
+    ngx_uint_t                  name_len;
+    u_char                      name[8];
 
     ngx_http_token_meter_json_scan_t  json;
 } ngx_http_token_meter_sse_scan_t;
