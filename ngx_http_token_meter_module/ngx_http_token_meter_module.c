@@ -137,6 +137,13 @@ static ngx_command_t  ngx_http_token_meter_commands[] = {
       0,
       ngx_http_token_meter_models_handler },
 
+    { ngx_string("token_meter_error"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_token_meter_content,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      ngx_http_token_meter_error_handler },
+
     { ngx_string("token_meter_metrics"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_token_meter_content,
@@ -405,7 +412,8 @@ ngx_http_token_meter_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     conf->enable = 0;
 
     if (tmcf->store == NULL
-        && conf->content != ngx_http_token_meter_models_handler)
+        && conf->content != ngx_http_token_meter_models_handler
+        && conf->content != ngx_http_token_meter_error_handler)
     {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "\"%V\" needs \"token_meter_store\" in the "

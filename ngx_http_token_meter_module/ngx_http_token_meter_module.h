@@ -137,6 +137,7 @@ ngx_int_t ngx_http_token_meter_admin_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_token_meter_access_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_token_meter_balance_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_token_meter_models_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_token_meter_error_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_token_meter_metrics_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_token_meter_metrics_zone(ngx_conf_t *cf,
     ngx_http_token_meter_main_conf_t *tmcf);

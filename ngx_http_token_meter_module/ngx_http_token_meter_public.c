@@ -238,3 +238,56 @@ ngx_http_token_meter_price_json(int64_t price)
 
     return json_stringn((char *) buf, p - buf);
 }
+
+
+/*
+ * token_meter_error: an error page in the OpenAI shape, for the errors
+ * nginx itself answers (a body too large, an upstream that is down), so
+ * that SDKs see the same kind of error as from the module.  Used as
+ * "error_page 413 502 504 @token_meter_error;".
+ */
+
+ngx_int_t
+ngx_http_token_meter_error_handler(ngx_http_request_t *r)
+{
+    ngx_uint_t  status, i;
+
+    static struct {
+        ngx_uint_t   status;
+        char        *code;
+        char        *message;
+    }  errors[] = {
+        { 400, "invalid_request_error", "The request could not be read." },
+        { 404, "not_found", "Nothing is served at this path." },
+        { 405, "method_not_allowed", "This method is not allowed here." },
+        { 408, "timeout", "The request took too long to arrive." },
+        { 413, "request_too_large", "The request body is too large." },
+        { 414, "request_too_large", "The request line is too long." },
+        { 429, "rate_limit_exceeded", "Too many requests." },
+        { 494, "request_too_large", "The request headers are too large." },
+        { 502, "upstream_error", "The model's server could not be reached." },
+        { 503, "service_unavailable", "The service is unavailable." },
+        { 504, "upstream_timeout", "The model's server did not answer in "
+                                   "time." },
+        { 0, "server_error", "The server failed to answer." }
+    };
+
+    status = r->err_status ? r->err_status : NGX_HTTP_INTERNAL_SERVER_ERROR;
+
+    for (i = 0; errors[i].status; i++) {
+        if (errors[i].status == status) {
+            break;
+        }
+    }
+
+    if (status == 494) {
+        status = NGX_HTTP_BAD_REQUEST;
+    }
+
+    return ngx_http_token_meter_send_error(r, status,
+                                           status >= 500
+                                           ? "server_error"
+                                           : "invalid_request_error",
+                                           errors[i].code, "%s",
+                                           errors[i].message);
+}

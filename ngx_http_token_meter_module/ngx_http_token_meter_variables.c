@@ -110,7 +110,12 @@ ngx_http_token_meter_variable(ngx_http_request_t *r,
 
     ctx = ngx_http_get_module_ctx(r->main, ngx_http_token_meter_module);
 
-    if (ctx == NULL || ctx->model == NULL) {
+    /* a refused request may know its subscriber but not its model */
+
+    if (ctx == NULL || ctx->subscriber == 0
+        || (ctx->model == NULL && data != NGX_HTTP_TOKEN_METER_VAR_SUBSCRIBER
+            && data != NGX_HTTP_TOKEN_METER_VAR_MSISDN))
+    {
         v->not_found = 1;
         return NGX_OK;
     }
