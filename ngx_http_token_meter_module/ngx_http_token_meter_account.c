@@ -28,6 +28,10 @@
  */
 
 
+/* the value of a key: the subscriber id and the key id, 28 bytes */
+#define NGX_HTTP_TOKEN_METER_KEY_REC  (8 + NGX_HTTP_TOKEN_METER_KEY_ID_LEN)
+
+
 static ngx_int_t ngx_http_token_meter_grants_walk(
     ngx_http_token_meter_txn_t *txn, uint64_t subscriber, time_t now,
     ngx_http_token_meter_balance_t *balance, int64_t *debit);
@@ -300,8 +304,8 @@ ngx_http_token_meter_key_create(ngx_http_token_meter_txn_t *txn,
 {
     u_char                           *p;
     u_char                            hash[32], random[32];
-    u_char                            value[8 + NGX_HTTP_TOKEN_METER_KEY_ID_LEN];
-    u_char                            id_key[8 + NGX_HTTP_TOKEN_METER_KEY_ID_LEN];
+    u_char                            value[NGX_HTTP_TOKEN_METER_KEY_REC];
+    u_char                            id_key[NGX_HTTP_TOKEN_METER_KEY_REC];
     u_char                            id_value[32
                                         + sizeof(
                                           ngx_http_token_meter_key_info_t)];
@@ -341,9 +345,12 @@ ngx_http_token_meter_key_create(ngx_http_token_meter_txn_t *txn,
         return rc;
     }
 
+    /* the record goes to disk as it is: no stack bytes in its padding */
+
+    ngx_memzero(&info, sizeof(ngx_http_token_meter_key_info_t));
+
     ngx_memcpy(info.key_id, key_id, NGX_HTTP_TOKEN_METER_KEY_ID_LEN);
     info.created = now;
-    info.revoked = 0;
 
     ngx_memcpy(id_key + 8, key_id, NGX_HTTP_TOKEN_METER_KEY_ID_LEN);
     ngx_http_token_meter_put_u64(id_key, subscriber);
@@ -366,6 +373,8 @@ ngx_http_token_meter_key_revoke(ngx_http_token_meter_txn_t *txn,
     u_char                            id_value[32
                                         + sizeof(
                                           ngx_http_token_meter_key_info_t)];
+    u_char                            value[8 + NGX_HTTP_TOKEN_METER_KEY_ID_LEN
+                                            + 1];
     ngx_int_t                         rc;
     ngx_str_t                         v;
     ngx_http_token_meter_key_info_t   info;
@@ -395,9 +404,18 @@ ngx_http_token_meter_key_revoke(ngx_http_token_meter_txn_t *txn,
         return NGX_OK;
     }
 
-    rc = ngx_http_token_meter_del(txn, NGX_HTTP_TOKEN_METER_DB_KEYS,
-                                  id_value, 32);
-    if (rc != NGX_OK && rc != NGX_DECLINED) {
+    /*
+     * the hash stays, marked revoked, so that a key once revoked (say,
+     * because it leaked) can never be imported again
+     */
+
+    ngx_http_token_meter_put_u64(value, subscriber);
+    ngx_memcpy(value + 8, key_id->data, NGX_HTTP_TOKEN_METER_KEY_ID_LEN);
+    value[8 + NGX_HTTP_TOKEN_METER_KEY_ID_LEN] = 1;
+
+    rc = ngx_http_token_meter_put(txn, NGX_HTTP_TOKEN_METER_DB_KEYS,
+                                  id_value, 32, value, sizeof(value), 0);
+    if (rc != NGX_OK) {
         return rc;
     }
 
@@ -426,6 +444,11 @@ ngx_http_token_meter_key_find(ngx_http_token_meter_txn_t *txn,
                                   &v);
     if (rc != NGX_OK) {
         return rc;
+    }
+
+    if (v.len == 8 + NGX_HTTP_TOKEN_METER_KEY_ID_LEN + 1) {
+        /* revoked */
+        return NGX_DECLINED;
     }
 
     if (v.len != 8 + NGX_HTTP_TOKEN_METER_KEY_ID_LEN) {

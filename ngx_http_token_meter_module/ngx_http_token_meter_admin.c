@@ -382,7 +382,9 @@ ngx_http_token_meter_admin_route(ngx_http_request_t *r,
 
     id = ctx->segment[1];
 
-    if (id.len > 4 && ngx_strncmp(id.data, "sub_", 4) == 0) {
+    if (id.len > 4 && ngx_strncmp(id.data, "sub_", 4) == 0
+        && id.data[4] != '0')
+    {
         ctx->id = 0;
 
         for (p = id.data + 4; p < id.data + id.len; p++) {
@@ -632,8 +634,8 @@ ngx_http_token_meter_admin_create(ngx_http_request_t *r,
             return ngx_http_token_meter_send_error(r, NGX_HTTP_CONFLICT,
                                                    "invalid_request_error",
                                                    "key_exists",
-                                                   "this API key is already "
-                                                   "in use");
+                                                   "this API key is in use or "
+                                                   "was revoked");
         }
     }
 
@@ -916,8 +918,8 @@ ngx_http_token_meter_admin_key_create(ngx_http_request_t *r,
         return ngx_http_token_meter_send_error(r, NGX_HTTP_CONFLICT,
                                                "invalid_request_error",
                                                "key_exists",
-                                               "this API key is already "
-                                               "in use");
+                                               "this API key is in use or "
+                                               "was revoked");
     }
 
     if (ngx_http_token_meter_admin_commit(r, ctx, txn, rc, NULL) != NGX_OK) {

@@ -342,6 +342,7 @@ ngx_http_token_meter_billing_export(ngx_http_request_t *r, ngx_str_t *cycle)
     int64_t                            year, month, start, end;
     ngx_int_t                          rc, csv;
     ngx_str_t                          format;
+    ngx_time_t                        *tp;
     ngx_http_token_meter_txn_t        *txn;
     ngx_http_token_meter_bill_t        bill;
     ngx_http_token_meter_main_conf_t  *tmcf;
@@ -431,7 +432,11 @@ ngx_http_token_meter_billing_export(ngx_http_request_t *r, ngx_str_t *cycle)
         ngx_memcpy(key, "exported:", 9);
         ngx_memcpy(key + 9, cycle->data, 7);
 
-        ngx_http_token_meter_put_u64(key + 16, (uint64_t) ngx_time());
+        /* milliseconds, as the records' times are */
+
+        tp = ngx_timeofday();
+        ngx_http_token_meter_put_u64(key + 16,
+                                     (uint64_t) tp->sec * 1000 + tp->msec);
 
         if (ngx_http_token_meter_put(txn, NGX_HTTP_TOKEN_METER_DB_META, key,
                                      16, key + 16, 8, 0)
@@ -1205,7 +1210,7 @@ void
 ngx_http_token_meter_prune(ngx_http_token_meter_main_conf_t *tmcf,
     ngx_log_t *log)
 {
-    int64_t                         t, before, year, month, local;
+    int64_t                         t, before, year, month, local, next;
     ngx_int_t                       rc;
     ngx_str_t                       k, v;
     ngx_uint_t                      i, n;
@@ -1237,11 +1242,12 @@ ngx_http_token_meter_prune(ngx_http_token_meter_main_conf_t *tmcf,
 
     n = 0;
 
-    for (rc = ngx_http_token_meter_cursor_seek(cur, NULL, 0, &k, &v);
-         rc == NGX_OK && n < 256;
-         rc = ngx_http_token_meter_cursor_next(cur, &k, &v))
-    {
+    rc = ngx_http_token_meter_cursor_seek(cur, NULL, 0, &k, &v);
+
+    while (rc == NGX_OK && n < 256) {
+
         if (k.len != 24) {
+            rc = ngx_http_token_meter_cursor_next(cur, &k, &v);
             continue;
         }
 
@@ -1259,17 +1265,38 @@ ngx_http_token_meter_prune(ngx_http_token_meter_main_conf_t *tmcf,
         year = tm.ngx_tm_year;
         month = tm.ngx_tm_mon;
 
+        ngx_memcpy(key, k.data, 24);
+
         ngx_sprintf(name, "exported:%04L-%02L", year, month);
 
         if (ngx_http_token_meter_get(txn, NGX_HTTP_TOKEN_METER_DB_META, name,
                                      16, &v)
-            != NGX_OK)
+            != NGX_OK
+            || v.len != 8)
         {
-            /* records are in time order: later ones are of this cycle too */
-            break;
+            /* a cycle never exported is kept whole: go on with the next */
+
+            next = (ngx_http_token_meter_days(month == 12 ? year + 1 : year,
+                                              month == 12 ? 1 : month + 1, 1)
+                    * 86400 - tmcf->billing_offset) * 1000;
+
+            ngx_http_token_meter_put_u64(key, (uint64_t) next);
+
+            rc = ngx_http_token_meter_cursor_seek(cur, key, 8, &k, &v);
+            continue;
         }
 
-        ngx_memcpy(batch[n++], k.data, 24);
+        /* a record settled after the export is in no export yet */
+
+        if (t < (int64_t) ngx_http_token_meter_get_u64(v.data)) {
+            ngx_memcpy(batch[n++], key, 24);
+        }
+
+        rc = ngx_http_token_meter_cursor_seek(cur, key, 24, &k, &v);
+
+        if (rc == NGX_OK) {
+            rc = ngx_http_token_meter_cursor_next(cur, &k, &v);
+        }
     }
 
     ngx_http_token_meter_cursor_close(cur);

@@ -106,6 +106,18 @@ ngx_http_token_meter_send_verror(ngx_http_request_t *r, ngx_uint_t status,
 
     p = ngx_vslprintf(message, message + sizeof(message), fmt, args);
 
+    /* a message cut at the end of the buffer must not end mid-character */
+
+    if (p == message + sizeof(message)) {
+        while (p > message && (p[-1] & 0xc0) == 0x80) {
+            p--;
+        }
+
+        if (p > message && p[-1] >= 0xc0) {
+            p--;
+        }
+    }
+
     json = json_pack("{s:{s:s%,s:s,s:n,s:s}}",
                      "error",
                      "message", message, (size_t) (p - message),

@@ -65,6 +65,17 @@ ngx_http_token_meter_reserve(ngx_http_request_t *r,
     model = ctx->model;
     now = ngx_time();
 
+    /*
+     * A request admitted must be settled: new requests are refused while
+     * the store has less room left than its settlements may take
+     */
+
+    if (ngx_http_token_meter_store_room(tmcf->store, r->connection->log)
+        != NGX_OK)
+    {
+        return NGX_HTTP_TOKEN_METER_FULL;
+    }
+
     rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 1,
                                         r->connection->log);
     if (rc != NGX_OK) {
@@ -88,7 +99,9 @@ ngx_http_token_meter_reserve(ngx_http_request_t *r,
 
     input = ctx->input_estimate * model->input;
 
-    need = (input + ctx->allowance * model->output
+    /* each of "n" choices may take the whole allowance */
+
+    need = (input + ctx->allowance * ctx->choices * model->output
             + NGX_HTTP_TOKEN_METER_PRICE_SCALE - 1)
            / NGX_HTTP_TOKEN_METER_PRICE_SCALE;
 
@@ -103,7 +116,7 @@ ngx_http_token_meter_reserve(ngx_http_request_t *r,
         /* the most output the balance pays for, after the input */
 
         afford = (balance.available * NGX_HTTP_TOKEN_METER_PRICE_SCALE
-                  - input) / model->output;
+                  - input) / (model->output * ctx->choices);
 
         if (afford < 1) {
             rc = NGX_DECLINED;
@@ -116,7 +129,7 @@ ngx_http_token_meter_reserve(ngx_http_request_t *r,
 
         ctx->allowance = afford;
 
-        need = (input + afford * model->output
+        need = (input + afford * ctx->choices * model->output
                 + NGX_HTTP_TOKEN_METER_PRICE_SCALE - 1)
                / NGX_HTTP_TOKEN_METER_PRICE_SCALE;
     }

@@ -33,7 +33,7 @@ typedef struct {
 
 
 typedef struct {
-    ngx_atomic_t                rejected[8];
+    ngx_atomic_t                rejected[9];
     ngx_atomic_t                latency[10];
     ngx_atomic_t                latency_sum;
     ngx_atomic_t                latency_count;
@@ -55,6 +55,7 @@ static char  *ngx_http_token_meter_reasons[] = {
     "store_unavailable",
     "request_too_large",
     "method_not_allowed",
+    "store_full",
     NULL
 };
 

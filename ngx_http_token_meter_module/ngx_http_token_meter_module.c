@@ -17,6 +17,7 @@
 #define NGX_HTTP_TOKEN_METER_READER_CHECK 60000
 #define NGX_HTTP_TOKEN_METER_SWEEP        2000
 #define NGX_HTTP_TOKEN_METER_PRUNE        10000
+#define NGX_HTTP_TOKEN_METER_REOPEN       10000
 
 
 static ngx_int_t ngx_http_token_meter_set_yuan(ngx_http_request_t *r,
@@ -263,6 +264,23 @@ ngx_http_token_meter_timer_handler(ngx_event_t *ev)
 
     tmcf = ev->data;
 
+    /*
+     * a store that could not be opened when the worker started is tried
+     * again, so that the worker recovers once the store is back
+     */
+
+    if (!ngx_http_token_meter_store_is_open(tmcf->store)) {
+
+        if (ngx_current_msec - tmcf->last_sweep >= NGX_HTTP_TOKEN_METER_REOPEN
+            && !(ngx_exiting || ngx_quit || ngx_terminate))
+        {
+            tmcf->last_sweep = ngx_current_msec;
+            (void) ngx_http_token_meter_store_open(tmcf->store, ev->log);
+        }
+
+        goto next;
+    }
+
     interval = ngx_http_token_meter_store_sync_interval(tmcf->store);
 
     if (interval != 0 && interval != NGX_HTTP_TOKEN_METER_SYNC_OFF
@@ -294,6 +312,8 @@ ngx_http_token_meter_timer_handler(ngx_event_t *ev)
         tmcf->last_reader_check = ngx_current_msec;
         ngx_http_token_meter_store_reader_check(tmcf->store);
     }
+
+next:
 
     if (ngx_exiting || ngx_quit || ngx_terminate) {
         return;
@@ -440,6 +460,7 @@ ngx_http_token_meter_store_directive(ngx_conf_t *cf, ngx_command_t *cmd,
 {
     ngx_http_token_meter_main_conf_t  *tmcf = conf;
 
+    off_t        offset;
     size_t       size;
     ngx_str_t   *value, path, s;
     ngx_msec_t   sync;
@@ -474,8 +495,12 @@ ngx_http_token_meter_store_directive(ngx_conf_t *cf, ngx_command_t *cmd,
             s.data = value[i].data + 5;
             s.len = value[i].len - 5;
 
-            size = ngx_parse_size(&s);
-            if (size == (size_t) NGX_ERROR) {
+            /* ngx_parse_offset() knows "g" as well as "k" and "m" */
+
+            offset = ngx_parse_offset(&s);
+            size = (size_t) offset;
+
+            if (offset == NGX_ERROR || (off_t) size != offset) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                    "invalid store size \"%V\"", &value[i]);
                 return NGX_CONF_ERROR;
@@ -523,7 +548,7 @@ ngx_http_token_meter_store_directive(ngx_conf_t *cf, ngx_command_t *cmd,
 
     /* a message returned here is shown after the directive's name */
 
-    return ngx_http_token_meter_store_check(tmcf->store, cf->log);
+    return ngx_http_token_meter_store_check(tmcf->store, cf);
 }
 
 
@@ -812,6 +837,8 @@ static void
 ngx_http_token_meter_exit_process(ngx_cycle_t *cycle)
 {
     ngx_http_token_meter_main_conf_t  *tmcf;
+
+    ngx_http_token_meter_sha256_free();
 
     tmcf = ngx_http_cycle_get_module_main_conf(cycle,
                                                ngx_http_token_meter_module);

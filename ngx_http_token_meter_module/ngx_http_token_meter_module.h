@@ -97,6 +97,7 @@ struct ngx_http_token_meter_ctx_s {
 
     int64_t                        input_estimate;
     int64_t                        allowance;
+    int64_t                        choices;
     int64_t                        reserved;
     int64_t                        balance;
 
@@ -171,6 +172,7 @@ char *ngx_http_token_meter_admin_key(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 
 void ngx_http_token_meter_sha256(u_char *data, size_t len, u_char *digest);
+void ngx_http_token_meter_sha256_free(void);
 ngx_int_t ngx_http_token_meter_random(u_char *buf, size_t len);
 u_char *ngx_http_token_meter_time(u_char *p, time_t t);
 ngx_int_t ngx_http_token_meter_bearer(ngx_table_elt_t *h, ngx_str_t *token);

@@ -257,7 +257,9 @@ ngx_http_token_meter_error_handler(ngx_http_request_t *r)
         char        *code;
         char        *message;
     }  errors[] = {
-        { 400, "invalid_request_error", "The request could not be read." },
+        { 400, "invalid_request_error", "The request could not be read: "
+                                         "it is malformed, or its headers are "
+                                         "too large." },
         { 404, "not_found", "Nothing is served at this path." },
         { 405, "method_not_allowed", "This method is not allowed here." },
         { 408, "timeout", "The request took too long to arrive." },

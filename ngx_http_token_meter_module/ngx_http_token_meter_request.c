@@ -20,6 +20,16 @@
 
 static ngx_int_t ngx_http_token_meter_authenticate(ngx_http_request_t *r,
     ngx_http_token_meter_ctx_t *ctx, ngx_str_t *key);
+typedef struct {
+    ngx_http_token_meter_ctx_t    *ctx;
+    json_t                        *body;
+    char                         **fields;
+    char                          *default_field;
+    int64_t                        requested;
+    ngx_uint_t                     modified;
+} ngx_http_token_meter_admission_t;
+
+
 static ngx_int_t ngx_http_token_meter_request_id(ngx_http_request_t *r,
     ngx_http_token_meter_ctx_t *ctx);
 static void ngx_http_token_meter_body_handler(ngx_http_request_t *r);
@@ -38,17 +48,26 @@ static ngx_int_t ngx_http_token_meter_rewrite_body(ngx_http_request_t *r,
     json_t *json);
 static void ngx_http_token_meter_remove_header(ngx_http_request_t *r,
     char *name);
+static ngx_int_t ngx_http_token_meter_cap_output(
+    ngx_http_token_meter_admission_t *adm, int64_t limit,
+    ngx_uint_t add);
 static void ngx_http_token_meter_json_cleanup(void *data);
 static ngx_int_t ngx_http_token_meter_ends_with(ngx_str_t *s, char *tail);
 
 
-typedef struct {
-    ngx_http_token_meter_ctx_t    *ctx;
-    json_t                        *body;
-    const char                    *max_field;
-    int64_t                        requested;
-    ngx_uint_t                     modified;
-} ngx_http_token_meter_admission_t;
+
+
+static char  *ngx_http_token_meter_chat_fields[] = {
+    "max_completion_tokens",
+    "max_tokens",
+    NULL
+};
+
+
+static char  *ngx_http_token_meter_responses_fields[] = {
+    "max_output_tokens",
+    NULL
+};
 
 
 ngx_int_t
@@ -82,6 +101,7 @@ ngx_http_token_meter_access_handler(ngx_http_request_t *r)
 
     ctx->phase_rc = NGX_DONE;
     ctx->msisdn.data = ctx->msisdn_data;
+    ctx->balance = -1;
 
     ngx_http_set_ctx(r, ctx, ngx_http_token_meter_module);
 
@@ -99,6 +119,17 @@ ngx_http_token_meter_access_handler(ngx_http_request_t *r)
 
     if (ngx_http_token_meter_request_id(r, ctx) != NGX_OK) {
         return NGX_ERROR;
+    }
+
+    /*
+     * the endpoint is told by the end of the path: path parameters would
+     * let the module meter one endpoint while the upstream serves another
+     */
+
+    if (ngx_strlchr(r->uri.data, r->uri.data + r->uri.len, ';') != NULL) {
+        return ngx_http_token_meter_fail(r, NGX_HTTP_BAD_REQUEST,
+                   "invalid_request_error", "invalid_request_error",
+                   "Path parameters (\";\") are not accepted.");
     }
 
     if (r->method != NGX_HTTP_POST) {
@@ -322,7 +353,7 @@ ngx_http_token_meter_admit(ngx_http_request_t *r,
     json_t                             *json, *value, *options;
     ngx_int_t                           rc;
     ngx_str_t                           name;
-    ngx_uint_t                          key, responses;
+    ngx_uint_t                          i, key, responses;
     json_error_t                        error;
     ngx_pool_cleanup_t                 *cln;
     ngx_http_token_meter_model_t       *model;
@@ -336,7 +367,7 @@ ngx_http_token_meter_admit(ngx_http_request_t *r,
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    json = json_loadb((char *) data, len, 0, &error);
+    json = json_loadb((char *) data, len, JSON_REJECT_DUPLICATES, &error);
 
     if (json == NULL || !json_is_object(json)) {
         if (json) {
@@ -345,6 +376,15 @@ ngx_http_token_meter_admit(ngx_http_request_t *r,
 
         ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
                       "token meter: request body is not a JSON object");
+
+        /* jansson's own text may quote the bytes it could not read */
+
+        if (json == NULL) {
+            return ngx_http_token_meter_fail(r, NGX_HTTP_BAD_REQUEST,
+                       "invalid_request_error", "invalid_request_error",
+                       "The request body is not valid JSON (line %d, "
+                       "column %d).", error.line, error.column);
+        }
 
         return ngx_http_token_meter_fail(r, NGX_HTTP_BAD_REQUEST,
                    "invalid_request_error", "invalid_request_error",
@@ -392,34 +432,65 @@ ngx_http_token_meter_admit(ngx_http_request_t *r,
     adm->body = json;
 
     ctx->embeddings = ngx_http_token_meter_ends_with(&r->uri, "/embeddings");
+
+    /* "n" choices (or "best_of" tries) each produce a whole answer */
+
+    ctx->choices = 1;
+
+    for (i = 0; i < 2; i++) {
+        value = json_object_get(json, i ? "best_of" : "n");
+
+        if (value == NULL || json_is_null(value)) {
+            continue;
+        }
+
+        if (!json_is_integer(value) || json_integer_value(value) < 1
+            || json_integer_value(value) > 128)
+        {
+            return ngx_http_token_meter_fail(r, NGX_HTTP_BAD_REQUEST,
+                       "invalid_request_error", "invalid_request_error",
+                       "\"%s\" must be an integer from 1 to 128.",
+                       i ? "best_of" : "n");
+        }
+
+        ctx->choices = ngx_max(ctx->choices, json_integer_value(value));
+    }
     responses = ngx_http_token_meter_ends_with(&r->uri, "/responses");
 
     ctx->input_estimate = ngx_http_token_meter_input_tokens(json);
 
     ctx->stream = json_is_true(json_object_get(json, "stream"));
 
-    /* the output allowance: what the client asked for, at most max_output */
+    /*
+     * The output allowance: what the client asked for, at most max_output.
+     * Chat requests may carry both max_completion_tokens and max_tokens;
+     * an upstream may honour either, so the larger one is reserved and
+     * both are held to the allowance.
+     */
 
     if (responses) {
-        adm->max_field = "max_output_tokens";
-
-    } else if (json_object_get(json, "max_completion_tokens")) {
-        adm->max_field = "max_completion_tokens";
+        adm->fields = ngx_http_token_meter_responses_fields;
+        adm->default_field = "max_output_tokens";
 
     } else {
-        adm->max_field = "max_tokens";
+        adm->fields = ngx_http_token_meter_chat_fields;
+        adm->default_field = "max_tokens";
     }
 
-    value = json_object_get(json, adm->max_field);
+    for (i = 0; adm->fields[i]; i++) {
+        value = json_object_get(json, adm->fields[i]);
 
-    if (value && !json_is_null(value)) {
+        if (value == NULL || json_is_null(value)) {
+            continue;
+        }
+
         if (!json_is_integer(value) || json_integer_value(value) < 1) {
             return ngx_http_token_meter_fail(r, NGX_HTTP_BAD_REQUEST,
                        "invalid_request_error", "invalid_request_error",
-                       "\"%s\" must be a positive integer.", adm->max_field);
+                       "\"%s\" must be a positive integer.", adm->fields[i]);
         }
 
-        adm->requested = json_integer_value(value);
+        adm->requested = ngx_max(adm->requested, json_integer_value(value));
     }
 
     ctx->allowance = 0;
@@ -431,15 +502,10 @@ ngx_http_token_meter_admit(ngx_http_request_t *r,
             ctx->allowance = adm->requested;
         }
 
-        if (adm->requested > model->max_output) {
-            if (json_object_set_new(json, adm->max_field,
-                                    json_integer(model->max_output))
-                != 0)
-            {
-                return NGX_HTTP_INTERNAL_SERVER_ERROR;
-            }
-
-            adm->modified = 1;
+        if (ngx_http_token_meter_cap_output(adm, model->max_output, 0)
+            != NGX_OK)
+        {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
     }
 
@@ -506,7 +572,6 @@ ngx_http_token_meter_admit(ngx_http_request_t *r,
 static void
 ngx_http_token_meter_reserved(ngx_http_request_t *r, ngx_int_t rc)
 {
-    json_t                              *value;
     ngx_http_token_meter_ctx_t          *ctx;
     ngx_http_token_meter_admission_t    *adm;
     ngx_http_token_meter_main_conf_t    *tmcf;
@@ -558,16 +623,11 @@ ngx_http_token_meter_reserved(ngx_http_request_t *r, ngx_int_t rc)
     {
         /* the balance pays for less output than asked: ask for less */
 
-        value = json_integer(ctx->allowance);
-
-        if (value == NULL
-            || json_object_set_new(adm->body, adm->max_field, value) != 0)
+        if (ngx_http_token_meter_cap_output(adm, ctx->allowance, 1) != NGX_OK)
         {
             ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
             return;
         }
-
-        adm->modified = 1;
     }
 
     if (adm->modified
@@ -760,6 +820,60 @@ ngx_http_token_meter_remove_header(ngx_http_request_t *r, char *name)
 }
 
 
+/*
+ * Holds every max-tokens field the client sent to the limit; with "add",
+ * a request that sent none gets one, so that the upstream stops there.
+ */
+
+static ngx_int_t
+ngx_http_token_meter_cap_output(ngx_http_token_meter_admission_t *adm,
+    int64_t limit, ngx_uint_t add)
+{
+    json_t      *value;
+    ngx_uint_t   i, present;
+
+    present = 0;
+
+    for (i = 0; adm->fields[i]; i++) {
+        value = json_object_get(adm->body, adm->fields[i]);
+
+        if (value == NULL || json_is_null(value)) {
+            continue;
+        }
+
+        present = 1;
+
+        if (json_integer_value(value) <= limit) {
+            continue;
+        }
+
+        if (json_object_set_new(adm->body, adm->fields[i],
+                                json_integer(limit))
+            != 0)
+        {
+            return NGX_ERROR;
+        }
+
+        adm->modified = 1;
+    }
+
+    if (present || !add) {
+        return NGX_OK;
+    }
+
+    if (json_object_set_new(adm->body, adm->default_field,
+                            json_integer(limit))
+        != 0)
+    {
+        return NGX_ERROR;
+    }
+
+    adm->modified = 1;
+
+    return NGX_OK;
+}
+
+
 static void
 ngx_http_token_meter_json_cleanup(void *data)
 {
@@ -782,7 +896,8 @@ ngx_http_token_meter_ends_with(ngx_str_t *s, char *tail)
 ngx_int_t
 ngx_http_token_meter_log_handler(ngx_http_request_t *r)
 {
-    ngx_http_token_meter_ctx_t  *ctx;
+    ngx_http_token_meter_ctx_t       *ctx;
+    ngx_http_token_meter_loc_conf_t  *tmlcf;
 
     if (r != r->main) {
         return NGX_OK;
@@ -790,7 +905,22 @@ ngx_http_token_meter_log_handler(ngx_http_request_t *r)
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_token_meter_module);
 
-    if (ctx == NULL || !ctx->admitted || ctx->settled) {
+    if (ctx == NULL) {
+
+        /* nginx refuses a body too large before the module sees it */
+
+        tmlcf = ngx_http_get_module_loc_conf(r, ngx_http_token_meter_module);
+
+        if (tmlcf->enable
+            && r->headers_out.status == NGX_HTTP_REQUEST_ENTITY_TOO_LARGE)
+        {
+            ngx_http_token_meter_count_rejected(r, "request_too_large");
+        }
+
+        return NGX_OK;
+    }
+
+    if (!ctx->admitted || ctx->settled) {
         return NGX_OK;
     }
 

@@ -40,6 +40,9 @@ static void ngx_http_token_meter_sse_event_name(
 static ngx_uint_t ngx_http_token_meter_key_is(
     ngx_http_token_meter_json_scan_t *s, u_char *key, size_t len,
     char *name);
+static int64_t *ngx_http_token_meter_usage_count(
+    ngx_http_token_meter_usage_t *usage, u_char *key, size_t len,
+    ngx_uint_t depth, ngx_uint_t in_details, int64_t *hits);
 static void ngx_http_token_meter_estimate(json_t *value,
     ngx_http_token_meter_text_t *text, ngx_uint_t depth);
 
@@ -369,14 +372,14 @@ ngx_http_token_meter_sse_scan(ngx_http_token_meter_sse_scan_t *s, u_char *p,
 
             if (s->state == sw_line_start) {
 
-                /* an empty line ends the event */
+                /*
+                 * an empty line ends the event; a block of comments alone
+                 * is reported too, so that it is passed on at once
+                 */
 
-                if (s->event_has_data) {
-                    handler(data, &s->json);
-                }
+                handler(data, &s->json);
 
                 ngx_http_token_meter_json_scan_init(&s->json);
-                s->event_has_data = 0;
                 s->data_lines = 0;
                 s->repeat = 0;
 
@@ -512,7 +515,6 @@ ngx_http_token_meter_sse_data(ngx_http_token_meter_sse_scan_t *s)
     }
 
     s->data_lines = 1;
-    s->event_has_data = 1;
 
     return 1;
 }
@@ -536,20 +538,8 @@ ngx_http_token_meter_usage_parse(u_char *text, size_t len,
     size_t       key_len;
     int64_t      n, hits, *target;
     ngx_uint_t   depth, found, cached, in_details, expect_key, need_value;
-    ngx_uint_t   string, i;
+    ngx_uint_t   string;
     u_char       key[NGX_HTTP_TOKEN_METER_KEY_MAX];
-
-    static struct {
-        char    *name;
-        size_t   offset;
-    }  fields[] = {
-        { "prompt_tokens", offsetof(ngx_http_token_meter_usage_t, input) },
-        { "input_tokens", offsetof(ngx_http_token_meter_usage_t, input) },
-        { "completion_tokens",
-          offsetof(ngx_http_token_meter_usage_t, output) },
-        { "output_tokens", offsetof(ngx_http_token_meter_usage_t, output) },
-        { NULL, 0 }
-    };
 
     ngx_memzero(usage, sizeof(ngx_http_token_meter_usage_t));
 
@@ -566,6 +556,16 @@ ngx_http_token_meter_usage_parse(u_char *text, size_t len,
     key_len = 0;
 
     while (p < last) {
+
+        /* an object or an array where a count belongs is not a count */
+
+        if ((*p == '{' || *p == '[') && need_value
+            && ngx_http_token_meter_usage_count(usage, key, key_len, depth,
+                                                in_details, &hits)
+               != NULL)
+        {
+            return NGX_ERROR;
+        }
 
         switch (*p) {
 
@@ -667,33 +667,9 @@ ngx_http_token_meter_usage_parse(u_char *text, size_t len,
         }
 
         need_value = 0;
-        target = NULL;
 
-        if (depth == 1) {
-            for (i = 0; fields[i].name; i++) {
-                if (key_len == ngx_strlen(fields[i].name)
-                    && ngx_strncmp(key, fields[i].name, key_len) == 0)
-                {
-                    target = (int64_t *) ((u_char *) usage
-                                          + fields[i].offset);
-                    break;
-                }
-            }
-
-            /* DeepSeek names its cached input "prompt_cache_hit_tokens" */
-
-            if (key_len == sizeof("prompt_cache_hit_tokens") - 1
-                && ngx_strncmp(key, "prompt_cache_hit_tokens", key_len) == 0)
-            {
-                target = &hits;
-            }
-
-        } else if (in_details && depth == 2
-                   && key_len == sizeof("cached_tokens") - 1
-                   && ngx_strncmp(key, "cached_tokens", key_len) == 0)
-        {
-            target = &usage->cached;
-        }
+        target = ngx_http_token_meter_usage_count(usage, key, key_len, depth,
+                                                  in_details, &hits);
 
         if (target == NULL) {
             continue;
@@ -746,6 +722,58 @@ ngx_http_token_meter_usage_parse(u_char *text, size_t len,
     }
 
     return NGX_OK;
+}
+
+
+/* where the count named by a key goes, or NULL for a key that is no count */
+
+static int64_t *
+ngx_http_token_meter_usage_count(ngx_http_token_meter_usage_t *usage,
+    u_char *key, size_t len, ngx_uint_t depth, ngx_uint_t in_details,
+    int64_t *hits)
+{
+    ngx_uint_t  i;
+
+    static struct {
+        char    *name;
+        size_t   offset;
+    }  fields[] = {
+        { "prompt_tokens", offsetof(ngx_http_token_meter_usage_t, input) },
+        { "input_tokens", offsetof(ngx_http_token_meter_usage_t, input) },
+        { "completion_tokens",
+          offsetof(ngx_http_token_meter_usage_t, output) },
+        { "output_tokens", offsetof(ngx_http_token_meter_usage_t, output) },
+        { NULL, 0 }
+    };
+
+    if (depth == 1) {
+        for (i = 0; fields[i].name; i++) {
+            if (len == ngx_strlen(fields[i].name)
+                && ngx_strncmp(key, fields[i].name, len) == 0)
+            {
+                return (int64_t *) ((u_char *) usage + fields[i].offset);
+            }
+        }
+
+        /* DeepSeek names its cached input "prompt_cache_hit_tokens" */
+
+        if (len == sizeof("prompt_cache_hit_tokens") - 1
+            && ngx_strncmp(key, "prompt_cache_hit_tokens", len) == 0)
+        {
+            return hits;
+        }
+
+        return NULL;
+    }
+
+    if (in_details && depth == 2
+        && len == sizeof("cached_tokens") - 1
+        && ngx_strncmp(key, "cached_tokens", len) == 0)
+    {
+        return &usage->cached;
+    }
+
+    return NULL;
 }
 
 

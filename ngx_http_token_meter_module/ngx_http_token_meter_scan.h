@@ -81,7 +81,6 @@ typedef struct {
     u_char                      field[8];
     unsigned                    cr:1;
     unsigned                    data_lines:1;
-    unsigned                    event_has_data:1;
     unsigned                    repeat:1;
     unsigned                    event_name:1;
     unsigned                    name_dot:1;

@@ -21,6 +21,7 @@ struct ngx_http_token_meter_store_s {
     MDB_env                    *env;
     MDB_dbi                     dbi[NGX_HTTP_TOKEN_METER_DB_N];
     ngx_log_t                  *log;
+    time_t                      full_logged;
 };
 
 
@@ -40,7 +41,7 @@ struct ngx_http_token_meter_cursor_s {
 static ngx_int_t ngx_http_token_meter_store_env(
     ngx_http_token_meter_store_t *store, ngx_log_t *log, char **err);
 static char *ngx_http_token_meter_store_init_schema(
-    ngx_http_token_meter_store_t *store, ngx_log_t *log);
+    ngx_http_token_meter_store_t *store, ngx_conf_t *cf);
 static ngx_int_t ngx_http_token_meter_store_failed(
     ngx_http_token_meter_txn_t *txn, const char *call, int rc);
 
@@ -101,51 +102,74 @@ ngx_http_token_meter_store_create(ngx_pool_t *pool, ngx_str_t *path,
 
 char *
 ngx_http_token_meter_store_check(ngx_http_token_meter_store_t *store,
-    ngx_log_t *log)
+    ngx_conf_t *cf)
 {
     char             *err, *rv;
+    u_char           *p;
     size_t            used;
     MDB_stat          st;
     MDB_envinfo       info;
     ngx_file_info_t   fi;
+    u_char            name[NGX_MAX_PATH];
 
     if (store->map_size < NGX_HTTP_TOKEN_METER_MIN_MAP_SIZE) {
         return "size= must be at least 1m";
     }
 
+    if (store->path.len + sizeof("/data.mdb") > NGX_MAX_PATH) {
+        return "has too long a path";
+    }
+
     if (ngx_file_info(store->path.data, &fi) == NGX_FILE_ERROR) {
 
         if (ngx_errno != NGX_ENOENT) {
-            ngx_log_error(NGX_LOG_EMERG, log, ngx_errno,
-                          ngx_file_info_n " \"%V\" failed", &store->path);
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                               ngx_file_info_n " \"%V\" failed", &store->path);
             return NGX_CONF_ERROR;
         }
 
         if (ngx_create_dir(store->path.data, 0700) == NGX_FILE_ERROR) {
-            ngx_log_error(NGX_LOG_EMERG, log, ngx_errno,
-                          "cannot create token meter store \"%V\"",
-                          &store->path);
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                               "cannot create token meter store \"%V\"",
+                               &store->path);
             return NGX_CONF_ERROR;
         }
 
     } else if (!ngx_is_dir(&fi)) {
-        ngx_log_error(NGX_LOG_EMERG, log, 0,
-                      "token meter store \"%V\" is not a directory",
-                      &store->path);
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "token meter store \"%V\" is not a directory",
+                           &store->path);
         return NGX_CONF_ERROR;
     }
 
     if (access((char *) store->path.data, R_OK|W_OK|X_OK) != 0) {
-        ngx_log_error(NGX_LOG_EMERG, log, ngx_errno,
-                      "token meter store \"%V\" is not writable",
-                      &store->path);
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           "token meter store \"%V\" is not writable",
+                           &store->path);
         return NGX_CONF_ERROR;
     }
 
-    if (ngx_http_token_meter_store_env(store, log, &err) != NGX_OK) {
-        ngx_log_error(NGX_LOG_EMERG, log, 0,
-                      "token meter store \"%V\" cannot be opened: %s",
-                      &store->path, err);
+    /*
+     * LMDB takes an empty data file for a new store; here that means a
+     * store lost its contents, which must not pass for a fresh start
+     */
+
+    p = ngx_cpymem(name, store->path.data, store->path.len);
+    p = ngx_cpymem(p, "/data.mdb", sizeof("/data.mdb"));
+
+    if (ngx_file_info(name, &fi) != NGX_FILE_ERROR && ngx_file_size(&fi) == 0)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "token meter store \"%V\" has an empty data file; "
+                           "restore it from a backup, or remove it to start "
+                           "a new store", &store->path);
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_http_token_meter_store_env(store, cf->log, &err) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "token meter store \"%V\" cannot be opened: %s",
+                           &store->path, err);
         return NGX_CONF_ERROR;
     }
 
@@ -155,15 +179,15 @@ ngx_http_token_meter_store_check(ngx_http_token_meter_store_t *store,
     used = (info.me_last_pgno + 1) * (size_t) st.ms_psize;
 
     if (used > store->map_size) {
-        ngx_log_error(NGX_LOG_EMERG, log, 0,
-                      "token meter store \"%V\" already holds %uz bytes, "
-                      "more than size=%uz", &store->path, used,
-                      store->map_size);
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "token meter store \"%V\" already holds %uz bytes, "
+                           "more than size=%uz", &store->path, used,
+                           store->map_size);
         ngx_http_token_meter_store_close(store);
         return NGX_CONF_ERROR;
     }
 
-    rv = ngx_http_token_meter_store_init_schema(store, log);
+    rv = ngx_http_token_meter_store_init_schema(store, cf);
 
     ngx_http_token_meter_store_close(store);
 
@@ -173,7 +197,7 @@ ngx_http_token_meter_store_check(ngx_http_token_meter_store_t *store,
 
 static char *
 ngx_http_token_meter_store_init_schema(ngx_http_token_meter_store_t *store,
-    ngx_log_t *log)
+    ngx_conf_t *cf)
 {
     int          rc;
     u_char       buf[4];
@@ -186,9 +210,9 @@ ngx_http_token_meter_store_init_schema(ngx_http_token_meter_store_t *store,
 
     rc = mdb_txn_begin(store->env, NULL, 0, &txn);
     if (rc != 0) {
-        ngx_log_error(NGX_LOG_EMERG, log, 0,
-                      "token meter store \"%V\": mdb_txn_begin() failed: %s",
-                      &store->path, mdb_strerror(rc));
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "token meter store \"%V\": mdb_txn_begin() failed: %s",
+                           &store->path, mdb_strerror(rc));
         return NGX_CONF_ERROR;
     }
 
@@ -226,9 +250,9 @@ ngx_http_token_meter_store_init_schema(ngx_http_token_meter_store_t *store,
         if (ngx_http_token_meter_db_names[i] == NULL) {
             mdb_cursor_close(cur);
             mdb_txn_abort(txn);
-            ngx_log_error(NGX_LOG_EMERG, log, 0,
-                          "\"%V\" is an LMDB environment of another program, "
-                          "not a token meter store", &store->path);
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"%V\" is an LMDB environment of another program, "
+                               "not a token meter store", &store->path);
             return NGX_CONF_ERROR;
         }
     }
@@ -265,7 +289,7 @@ ngx_http_token_meter_store_init_schema(ngx_http_token_meter_store_t *store,
             goto failed;
         }
 
-        ngx_log_error(NGX_LOG_NOTICE, log, 0,
+        ngx_log_error(NGX_LOG_NOTICE, cf->log, 0,
                       "token meter store \"%V\" created with schema "
                       "version %uD", &store->path, version);
 
@@ -275,9 +299,9 @@ ngx_http_token_meter_store_init_schema(ngx_http_token_meter_store_t *store,
     } else {
         if (val.mv_size != 4) {
             mdb_txn_abort(txn);
-            ngx_log_error(NGX_LOG_EMERG, log, 0,
-                          "token meter store \"%V\" has a damaged schema "
-                          "record", &store->path);
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "token meter store \"%V\" has a damaged schema "
+                               "record", &store->path);
             return NGX_CONF_ERROR;
         }
 
@@ -288,20 +312,20 @@ ngx_http_token_meter_store_init_schema(ngx_http_token_meter_store_t *store,
 
         if (version != NGX_HTTP_TOKEN_METER_SCHEMA_VERSION) {
             mdb_txn_abort(txn);
-            ngx_log_error(NGX_LOG_EMERG, log, 0,
-                          "token meter store \"%V\" has schema version %uD, "
-                          "this module understands only version %d",
-                          &store->path, version,
-                          NGX_HTTP_TOKEN_METER_SCHEMA_VERSION);
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "token meter store \"%V\" has schema version %uD, "
+                               "this module understands only version %d",
+                               &store->path, version,
+                               NGX_HTTP_TOKEN_METER_SCHEMA_VERSION);
             return NGX_CONF_ERROR;
         }
     }
 
     rc = mdb_txn_commit(txn);
     if (rc != 0) {
-        ngx_log_error(NGX_LOG_EMERG, log, 0,
-                      "token meter store \"%V\": mdb_txn_commit() failed: %s",
-                      &store->path, mdb_strerror(rc));
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "token meter store \"%V\": mdb_txn_commit() failed: %s",
+                           &store->path, mdb_strerror(rc));
         return NGX_CONF_ERROR;
     }
 
@@ -311,9 +335,9 @@ failed:
 
     mdb_txn_abort(txn);
 
-    ngx_log_error(NGX_LOG_EMERG, log, 0,
-                  "token meter store \"%V\" cannot be initialized: %s",
-                  &store->path, mdb_strerror(rc));
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "token meter store \"%V\" cannot be initialized: %s",
+                       &store->path, mdb_strerror(rc));
 
     return NGX_CONF_ERROR;
 }
@@ -346,12 +370,11 @@ ngx_http_token_meter_store_env(ngx_http_token_meter_store_t *store,
     /*
      * MDB_NOTLS ties reader slots to transactions, not to threads, which
      * is what an event loop that runs many requests in one thread needs.
-     * MDB_WRITEMAP commits by writing into the map instead of with a
-     * write() call per page, which halves the cost of a small commit; all
-     * processes, the master's check included, must open the store alike.
+     * The map stays read-only (no MDB_WRITEMAP): a write that fails, on a
+     * full disk for one, is then an error to handle, not a SIGBUS.
      */
 
-    flags = MDB_NOTLS|MDB_WRITEMAP;
+    flags = MDB_NOTLS;
 
     if (store->sync != 0) {
         flags |= MDB_NOSYNC;
@@ -472,6 +495,13 @@ ngx_http_token_meter_store_close(ngx_http_token_meter_store_t *store)
 }
 
 
+ngx_uint_t
+ngx_http_token_meter_store_is_open(ngx_http_token_meter_store_t *store)
+{
+    return store->env != NULL;
+}
+
+
 ngx_int_t
 ngx_http_token_meter_store_sync(ngx_http_token_meter_store_t *store)
 {
@@ -539,6 +569,47 @@ ngx_http_token_meter_store_stat(ngx_http_token_meter_store_t *store,
     stat->max_readers = info.me_maxreaders;
 
     return NGX_OK;
+}
+
+
+/*
+ * NGX_OK while the store's high-water mark leaves an eighth of the map
+ * (128k at least) for the settlements of requests already admitted.
+ */
+
+ngx_int_t
+ngx_http_token_meter_store_room(ngx_http_token_meter_store_t *store,
+    ngx_log_t *log)
+{
+    size_t       used, room;
+    MDB_stat     st;
+    MDB_envinfo  info;
+
+    if (store->env == NULL) {
+        return NGX_ERROR;
+    }
+
+    mdb_env_info(store->env, &info);
+    mdb_env_stat(store->env, &st);
+
+    used = (info.me_last_pgno + 1) * (size_t) st.ms_psize;
+    room = ngx_max(info.me_mapsize / 8, 128 * 1024);
+
+    if (used + room <= info.me_mapsize) {
+        return NGX_OK;
+    }
+
+    if (ngx_time() - store->full_logged >= 60) {
+        store->full_logged = ngx_time();
+
+        ngx_log_error(NGX_LOG_CRIT, log, 0,
+                      "token meter store \"%V\" is nearly full, %uz of %uz "
+                      "bytes used: new requests are refused; raise size= "
+                      "in token_meter_store and reload nginx", &store->path,
+                      used, info.me_mapsize);
+    }
+
+    return NGX_DECLINED;
 }
 
 

@@ -59,13 +59,15 @@ typedef struct {
 ngx_http_token_meter_store_t *ngx_http_token_meter_store_create(
     ngx_pool_t *pool, ngx_str_t *path, size_t map_size, ngx_msec_t sync);
 char *ngx_http_token_meter_store_check(ngx_http_token_meter_store_t *store,
-    ngx_log_t *log);
+    ngx_conf_t *cf);
 ngx_int_t ngx_http_token_meter_store_chown(
     ngx_http_token_meter_store_t *store, ngx_uid_t user, ngx_gid_t group,
     ngx_log_t *log);
 ngx_int_t ngx_http_token_meter_store_open(
     ngx_http_token_meter_store_t *store, ngx_log_t *log);
 void ngx_http_token_meter_store_close(ngx_http_token_meter_store_t *store);
+ngx_uint_t ngx_http_token_meter_store_is_open(
+    ngx_http_token_meter_store_t *store);
 ngx_int_t ngx_http_token_meter_store_sync(
     ngx_http_token_meter_store_t *store);
 void ngx_http_token_meter_store_reader_check(
@@ -73,6 +75,8 @@ void ngx_http_token_meter_store_reader_check(
 ngx_int_t ngx_http_token_meter_store_stat(
     ngx_http_token_meter_store_t *store,
     ngx_http_token_meter_store_stat_t *stat);
+ngx_int_t ngx_http_token_meter_store_room(ngx_http_token_meter_store_t *store,
+    ngx_log_t *log);
 ngx_int_t ngx_http_token_meter_store_entries(
     ngx_http_token_meter_store_t *store, ngx_uint_t db, uint64_t *entries);
 ngx_str_t *ngx_http_token_meter_store_path(

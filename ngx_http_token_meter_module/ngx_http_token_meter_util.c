@@ -13,27 +13,47 @@
 #include "ngx_http_token_meter_module.h"
 
 
+/* the SHA-256 of this process, fetched once; see below */
+
+static const EVP_MD  *ngx_http_token_meter_md;
+
+
 void
 ngx_http_token_meter_sha256(u_char *data, size_t len, u_char *digest)
 {
-    unsigned int         n;
-    static const EVP_MD  *md;
+    unsigned int  n;
 
     /*
      * OpenSSL 3 looks the algorithm up on every EVP_sha256() digest, which
      * costs more than hashing a key; fetch it once per process instead
      */
 
-    if (md == NULL) {
+    if (ngx_http_token_meter_md == NULL) {
 #if (OPENSSL_VERSION_NUMBER >= 0x30000000L)
-        md = EVP_MD_fetch(NULL, "SHA256", NULL);
+        ngx_http_token_meter_md = EVP_MD_fetch(NULL, "SHA256", NULL);
 #endif
-        if (md == NULL) {
-            md = EVP_sha256();
+        if (ngx_http_token_meter_md == NULL) {
+            ngx_http_token_meter_md = EVP_sha256();
         }
     }
 
-    (void) EVP_Digest(data, len, digest, &n, md, NULL);
+    (void) EVP_Digest(data, len, digest, &n, ngx_http_token_meter_md, NULL);
+}
+
+
+/*
+ * Called when the process exits: a fetched method is counted and must be
+ * given back, or it is lost when nginx unloads the module; EVP_MD_free()
+ * ignores the static one EVP_sha256() returns.
+ */
+
+void
+ngx_http_token_meter_sha256_free(void)
+{
+#if (OPENSSL_VERSION_NUMBER >= 0x30000000L)
+    EVP_MD_free((EVP_MD *) ngx_http_token_meter_md);
+#endif
+    ngx_http_token_meter_md = NULL;
 }
 
 

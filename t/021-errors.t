@@ -276,9 +276,7 @@ Authorization: Bearer sk-test-0123456789abcdef
 [(400) x 9, 200]
 --- response_body_like eval
 [
-    (::exactly(::error_json("The request body is not a JSON object.",
-                            "invalid_request_error",
-                            "invalid_request_error"))) x 9,
+    (qr/\A\{"error":\{"message":"The request body is not (?:valid JSON \(line \d+, column \d+\)|a JSON object)\.","type":"invalid_request_error","param":null,"code":"invalid_request_error"\}\}\n\z/) x 9,
     ::balance_re(paid => 10000),
 ]
 --- no_error_log

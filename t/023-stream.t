@@ -248,9 +248,10 @@ X-Mock-Mode: comments
 [200, 200, 200]
 --- response_body_like eval
 [
+    # the comment before the dropped usage event is passed on alone
     qr/\A(?!.*"choices":\[\])(?!.*prompt_tokens)
-       (?::\ keep-alive\n\nid:\ \d\nevent:\ message\n:\ between\ fields\n
-        data:\ [^\n]+\n\n){8}\z/xs,
+       (?:(?::\ keep-alive\n\n)+id:\ \d\nevent:\ message\n
+        :\ between\ fields\ndata:\ [^\n]+\n\n){8}\z/xs,
     qr/\A(?::\ keep-alive\n\nid:\ \d\nevent:\ message\n:\ between\ fields\n
         data:\ [^\n]+\n\n){9}\z/xs,
     ::balance_re(paid => 9940),
@@ -309,7 +310,7 @@ X-Mock-Cached-Tokens: 8
 --- response_body_like eval
 [
     qr/\A(?!.*"choices": \[\])(?!.*prompt_tokens)
-       (?::\ keep-alive\r\n\r\nid:\ \d\r\nevent:\ message\r\n
+       (?:(?::\ keep-alive\r\n\r\n)+id:\ \d\r\nevent:\ message\r\n
         :\ between\ fields\r\n(?:data:\ ?[^\r\n]*\r\n)+\r\n){8}\z/xs,
     # 2 + 8 * 0.25 + 5 * 4
     ::balance_re(paid => 9976),
