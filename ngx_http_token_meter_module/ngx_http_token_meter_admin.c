@@ -1552,7 +1552,7 @@ ngx_http_token_meter_subscriber_json(ngx_http_token_meter_txn_t *txn,
     ngx_http_token_meter_json_set(json, "msisdn",
                                   ngx_http_token_meter_json_string(&msisdn));
     ngx_http_token_meter_json_set(json, "status",
-                    json_string(ngx_http_token_meter_status_names[sub->status]));
+                   json_string(ngx_http_token_meter_status_names[sub->status]));
     ngx_http_token_meter_json_set(json, "created_at",
                                   ngx_http_token_meter_json_time(sub->created));
     ngx_http_token_meter_json_set(json, "activated_at",

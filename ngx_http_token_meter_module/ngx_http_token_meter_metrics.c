@@ -394,5 +394,6 @@ ngx_http_token_meter_metrics_handler(ngx_http_request_t *r)
     b->last = p;
 
     return ngx_http_token_meter_send_buf(r, NGX_HTTP_OK,
-                                         "text/plain; version=0.0.4; charset=utf-8", b);
+                                         "text/plain; version=0.0.4; "
+                                         "charset=utf-8", b);
 }

@@ -211,7 +211,8 @@ ngx_http_token_meter_store_init_schema(ngx_http_token_meter_store_t *store,
     rc = mdb_txn_begin(store->env, NULL, 0, &txn);
     if (rc != 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "token meter store \"%V\": mdb_txn_begin() failed: %s",
+                           "token meter store \"%V\": "
+                           "mdb_txn_begin() failed: %s",
                            &store->path, mdb_strerror(rc));
         return NGX_CONF_ERROR;
     }
@@ -251,8 +252,9 @@ ngx_http_token_meter_store_init_schema(ngx_http_token_meter_store_t *store,
             mdb_cursor_close(cur);
             mdb_txn_abort(txn);
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "\"%V\" is an LMDB environment of another program, "
-                               "not a token meter store", &store->path);
+                               "\"%V\" is an LMDB environment of another "
+                               "program, not a token meter store",
+                               &store->path);
             return NGX_CONF_ERROR;
         }
     }
@@ -313,7 +315,8 @@ ngx_http_token_meter_store_init_schema(ngx_http_token_meter_store_t *store,
         if (version != NGX_HTTP_TOKEN_METER_SCHEMA_VERSION) {
             mdb_txn_abort(txn);
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "token meter store \"%V\" has schema version %uD, "
+                               "token meter store \"%V\" has schema "
+                               "version %uD, "
                                "this module understands only version %d",
                                &store->path, version,
                                NGX_HTTP_TOKEN_METER_SCHEMA_VERSION);
@@ -324,7 +327,8 @@ ngx_http_token_meter_store_init_schema(ngx_http_token_meter_store_t *store,
     rc = mdb_txn_commit(txn);
     if (rc != 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "token meter store \"%V\": mdb_txn_commit() failed: %s",
+                           "token meter store \"%V\": "
+                           "mdb_txn_commit() failed: %s",
                            &store->path, mdb_strerror(rc));
         return NGX_CONF_ERROR;
     }
