@@ -56,7 +56,7 @@ ngx_http_token_meter_header_filter(ngx_http_request_t *r)
         return ngx_http_next_header_filter(r);
     }
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_token_meter_module);
+    ctx = ngx_http_token_meter_get_ctx(r);
 
     if (ctx == NULL || !ctx->admitted || ctx->sse || ctx->json
         || ctx->passthrough)
@@ -137,7 +137,7 @@ ngx_http_token_meter_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
         return ngx_http_next_body_filter(r, in);
     }
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_token_meter_module);
+    ctx = ngx_http_token_meter_get_ctx(r);
 
     if (ctx == NULL || !ctx->admitted || ctx->settled) {
         return ngx_http_next_body_filter(r, in);

@@ -151,6 +151,8 @@ void ngx_http_token_meter_prune(ngx_http_token_meter_main_conf_t *tmcf,
 ngx_int_t ngx_http_token_meter_api_key(ngx_http_request_t *r,
     ngx_str_t *key);
 ngx_int_t ngx_http_token_meter_log_handler(ngx_http_request_t *r);
+ngx_http_token_meter_ctx_t *ngx_http_token_meter_get_ctx(
+    ngx_http_request_t *r);
 ngx_int_t ngx_http_token_meter_filter_init(ngx_conf_t *cf);
 void ngx_http_token_meter_filter_finish(ngx_http_request_t *r,
     ngx_http_token_meter_ctx_t *ctx);

@@ -52,6 +52,7 @@ static ngx_int_t ngx_http_token_meter_cap_output(
     ngx_http_token_meter_admission_t *adm, int64_t limit,
     ngx_uint_t add);
 static void ngx_http_token_meter_json_cleanup(void *data);
+static void ngx_http_token_meter_ctx_anchor(void *data);
 static ngx_int_t ngx_http_token_meter_ends_with(ngx_str_t *s, char *tail);
 
 
@@ -75,6 +76,7 @@ ngx_http_token_meter_access_handler(ngx_http_request_t *r)
 {
     ngx_int_t                          rc;
     ngx_str_t                          key;
+    ngx_pool_cleanup_t                *cln;
     ngx_http_token_meter_ctx_t        *ctx;
     ngx_http_token_meter_loc_conf_t   *tmlcf;
 
@@ -94,6 +96,11 @@ ngx_http_token_meter_access_handler(ngx_http_request_t *r)
         return ctx->phase_rc;
     }
 
+    if (ngx_http_token_meter_get_ctx(r)) {
+        /* an error page of a request metered already */
+        return NGX_DECLINED;
+    }
+
     ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_token_meter_ctx_t));
     if (ctx == NULL) {
         return NGX_ERROR;
@@ -102,6 +109,16 @@ ngx_http_token_meter_access_handler(ngx_http_request_t *r)
     ctx->phase_rc = NGX_DONE;
     ctx->msisdn.data = ctx->msisdn_data;
     ctx->balance = -1;
+
+    /* an internal redirect clears the context, the pool keeps it */
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        return NGX_ERROR;
+    }
+
+    cln->handler = ngx_http_token_meter_ctx_anchor;
+    cln->data = ctx;
 
     ngx_http_set_ctx(r, ctx, ngx_http_token_meter_module);
 
@@ -881,6 +898,43 @@ ngx_http_token_meter_json_cleanup(void *data)
 }
 
 
+/*
+ * The context of a metered request, also after an internal redirect
+ * (error_page, say) has cleared the modules' contexts: it is found again
+ * through the pool cleanup that the access handler left to anchor it.
+ */
+
+ngx_http_token_meter_ctx_t *
+ngx_http_token_meter_get_ctx(ngx_http_request_t *r)
+{
+    ngx_pool_cleanup_t          *cln;
+    ngx_http_token_meter_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_token_meter_module);
+
+    if (ctx || r->uri_changes == NGX_HTTP_MAX_URI_CHANGES + 1) {
+        return ctx;
+    }
+
+    for (cln = r->pool->cleanup; cln; cln = cln->next) {
+        if (cln->handler == ngx_http_token_meter_ctx_anchor) {
+            ctx = cln->data;
+            ngx_http_set_ctx(r, ctx, ngx_http_token_meter_module);
+            return ctx;
+        }
+    }
+
+    return NULL;
+}
+
+
+static void
+ngx_http_token_meter_ctx_anchor(void *data)
+{
+    /* a mark, nothing to free */
+}
+
+
 static ngx_int_t
 ngx_http_token_meter_ends_with(ngx_str_t *s, char *tail)
 {
@@ -896,6 +950,7 @@ ngx_http_token_meter_ends_with(ngx_str_t *s, char *tail)
 ngx_int_t
 ngx_http_token_meter_log_handler(ngx_http_request_t *r)
 {
+    ngx_http_core_loc_conf_t         *clcf;
     ngx_http_token_meter_ctx_t       *ctx;
     ngx_http_token_meter_loc_conf_t  *tmlcf;
 
@@ -903,16 +958,25 @@ ngx_http_token_meter_log_handler(ngx_http_request_t *r)
         return NGX_OK;
     }
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_token_meter_module);
+    ctx = ngx_http_token_meter_get_ctx(r);
 
-    if (ctx == NULL) {
+    if (ctx == NULL || (!ctx->admitted && ctx->admin == NULL)) {
 
-        /* nginx refuses a body too large before the module sees it */
+        /*
+         * nginx refuses a body too large itself: by its length before the
+         * module sees the request, or while the module reads it chunked;
+         * its page may come from a token_meter_error location
+         */
+
+        if (r->headers_out.status != NGX_HTTP_REQUEST_ENTITY_TOO_LARGE) {
+            return NGX_OK;
+        }
 
         tmlcf = ngx_http_get_module_loc_conf(r, ngx_http_token_meter_module);
+        clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
 
-        if (tmlcf->enable
-            && r->headers_out.status == NGX_HTTP_REQUEST_ENTITY_TOO_LARGE)
+        if (ctx || tmlcf->enable
+            || clcf->handler == ngx_http_token_meter_error_handler)
         {
             ngx_http_token_meter_count_rejected(r, "request_too_large");
         }

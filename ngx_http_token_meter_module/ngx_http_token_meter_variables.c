@@ -108,7 +108,7 @@ ngx_http_token_meter_variable(ngx_http_request_t *r,
     ngx_str_t                    s;
     ngx_http_token_meter_ctx_t  *ctx;
 
-    ctx = ngx_http_get_module_ctx(r->main, ngx_http_token_meter_module);
+    ctx = ngx_http_token_meter_get_ctx(r->main);
 
     /* a refused request may know its subscriber but not its model */
 

@@ -255,6 +255,9 @@ Authorization: Bearer sk-test-0123456789abcdef
 
 
 === TEST 8: a body that is not a JSON object: 400
+A body that jansson cannot read is answered with where it stopped
+reading, as line and column (characters, not bytes); JSON that is not
+an object is answered as such.
 --- init
 subscriber(paid => 10000);
 --- more_headers
@@ -270,13 +273,32 @@ Authorization: Bearer sk-test-0123456789abcdef
     ::chat('{"model":"kimi-k2.5"} {"model":"kimi-k2.5"}'),
     ::chat(qq({"model":"kimi-k2.5","x":"\xff\xfe"})),
     "POST /v1/chat/completions",
+    # the third line, after two two-byte characters
+    ::chat(qq({"model":"kimi-k2.5",\n "messages":[],\n)
+           . qq( "x":"\xc3\xa9\xc3\xa9" ]})),
     "GET /a/subscribers/sub_1",
 ]
 --- error_code eval
-[(400) x 9, 200]
+[(400) x 10, 200]
 --- response_body_like eval
 [
-    (qr/\A\{"error":\{"message":"The request body is not (?:valid JSON \(line \d+, column \d+\)|a JSON object)\.","type":"invalid_request_error","param":null,"code":"invalid_request_error"\}\}\n\z/) x 9,
+    (map { ::exactly(::error_json("The request body is not valid JSON"
+                                  . " (line 1, column $_).",
+                                  "invalid_request_error",
+                                  "invalid_request_error")) } 5),
+    ::exactly(::error_json("The request body is not a JSON object.",
+                           "invalid_request_error",
+                           "invalid_request_error")),
+    # a bare string, null or number is not a JSON text to jansson
+    (map { ::exactly(::error_json("The request body is not valid JSON"
+                                  . " (line 1, column $_).",
+                                  "invalid_request_error",
+                                  "invalid_request_error")) }
+     11, 4, 2, 34, 23, 26, 0),
+    ::exactly(::error_json("The request body is not valid JSON"
+                           . " (line 3, column 11).",
+                           "invalid_request_error",
+                           "invalid_request_error")),
     ::balance_re(paid => 10000),
 ]
 --- no_error_log
@@ -454,6 +476,41 @@ Authorization: Bearer sk-test-0123456789abcdef
                            . " available.", "insufficient_quota",
                            "insufficient_quota")),
     ::balance_re(paid => 5),
+]
+--- no_error_log
+[error]
+[alert]
+[crit]
+
+
+
+=== TEST 14: a path with parameters (";"): 400, before the body is read
+The module tells the kind of call by the end of the path; an upstream
+that drops ";" parameters would serve another kind than the one metered.
+--- init
+subscriber(paid => 10000);
+--- more_headers
+Authorization: Bearer sk-test-0123456789abcdef
+--- request eval
+[
+    ::chat($::Hello, '/v1/chat/completions;/embeddings'),
+    ::chat($::Hello, '/v1/chat;v=2/completions'),
+    ::chat($::Hello, '/v1/chat/completions;'),
+    # nginx decodes %3B before the module sees the path
+    ::chat($::Hello, '/v1/chat/completions%3B/embeddings'),
+    # in the query string it is no path parameter
+    ::chat($::Hello, '/v1/chat/completions?a=1;b=2'),
+    "GET /a/subscribers/sub_1",
+]
+--- error_code eval
+[(400) x 4, 200, 200]
+--- response_body_like eval
+[
+    (::exactly(::error_json('Path parameters (";") are not accepted.',
+                            "invalid_request_error",
+                            "invalid_request_error"))) x 4,
+    qr/"completion_tokens": 5,/,
+    ::balance_re(paid => 9970),
 ]
 --- no_error_log
 [error]

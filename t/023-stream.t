@@ -248,10 +248,14 @@ X-Mock-Mode: comments
 [200, 200, 200]
 --- response_body_like eval
 [
-    # the comment before the dropped usage event is passed on alone
+    # comments are passed on as they come, so the one before the dropped
+    # usage event stays, alone, before the comment of [DONE]
     qr/\A(?!.*"choices":\[\])(?!.*prompt_tokens)
-       (?:(?::\ keep-alive\n\n)+id:\ \d\nevent:\ message\n
-        :\ between\ fields\ndata:\ [^\n]+\n\n){8}\z/xs,
+       (?::\ keep-alive\n\nid:\ \d\nevent:\ message\n
+        :\ between\ fields\ndata:\ [^\n]+\n\n){7}
+       :\ keep-alive\n\n
+       :\ keep-alive\n\nid:\ \d\nevent:\ message\n
+        :\ between\ fields\ndata:\ \[DONE\]\n\n\z/xs,
     qr/\A(?::\ keep-alive\n\nid:\ \d\nevent:\ message\n:\ between\ fields\n
         data:\ [^\n]+\n\n){9}\z/xs,
     ::balance_re(paid => 9940),
@@ -310,8 +314,11 @@ X-Mock-Cached-Tokens: 8
 --- response_body_like eval
 [
     qr/\A(?!.*"choices": \[\])(?!.*prompt_tokens)
-       (?:(?::\ keep-alive\r\n\r\n)+id:\ \d\r\nevent:\ message\r\n
-        :\ between\ fields\r\n(?:data:\ ?[^\r\n]*\r\n)+\r\n){8}\z/xs,
+       (?::\ keep-alive\r\n\r\nid:\ \d\r\nevent:\ message\r\n
+        :\ between\ fields\r\n(?:data:\ ?[^\r\n]*\r\n)+\r\n){7}
+       :\ keep-alive\r\n\r\n
+       :\ keep-alive\r\n\r\nid:\ \d\r\nevent:\ message\r\n
+        :\ between\ fields\r\ndata:\ ?\[DONE\]\r\n\r\n\z/xs,
     # 2 + 8 * 0.25 + 5 * 4
     ::balance_re(paid => 9976),
     ::exactly(::usage_line(200, 10, 8, 5, 24, 9976, 'upstream')),

@@ -536,3 +536,58 @@ subscriber(paid => 10000);
 [error]
 [alert]
 [crit]
+
+
+
+=== TEST 16: an upstream timeout answered by token_meter_error is settled too
+The error page is an internal redirect, which clears the modules' request
+contexts; the admitted request must still be settled: one record of 0
+points, and nothing left reserved.
+--- init
+subscriber(paid => 10000);
+--- config
+    location = /v1/chat/completions {
+        token_meter on;
+        access_log html/usage.log usage;
+        proxy_read_timeout 300ms;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        error_page 502 504 @token_meter_error;
+        proxy_pass http://$token_meter_upstream;
+    }
+
+    location @token_meter_error {
+        access_log html/usage.log usage;
+        token_meter_error;
+    }
+--- more_headers eval
+[
+    "Authorization: Bearer sk-test-0123456789abcdef\n"
+    . "X-Mock-Mode: slow-headers\nX-Mock-Delay-Ms: 1000",
+    "Authorization: Bearer sk-test-0123456789abcdef",
+    "",
+    "",
+]
+--- request eval
+[
+    ::chat($::Hello),
+    ::chat($::Hello),
+    "GET /a/subscribers/sub_1",
+    "GET /usage.log",
+]
+--- error_code eval
+[504, 200, 200, 200]
+--- response_body_like eval
+[
+    ::exactly(::error_json("The model's server did not answer in time.",
+                           "server_error", "upstream_timeout")),
+    qr/"completion_tokens": 5,/,
+    ::balance_re(paid => 9970),
+    ::exactly(::usage_line(504, 0, 0, 0, 0, 10000, 'estimated')
+              . ::usage_line(200, 10, 0, 5, 30, 9970, 'upstream')),
+]
+--- error_log
+upstream timed out
+--- no_error_log
+[alert]
+[crit]
