@@ -228,6 +228,9 @@ ngx_http_token_meter_settle(ngx_http_request_t *r,
     }
 
     if (rc != NGX_OK) {
+
+        /* TODO: keep a settlement that cannot be written, and retry it */
+
         ngx_log_error(NGX_LOG_CRIT, r->connection->log, 0,
                       "token meter could not settle request for sub_%uL: "
                       "its reservation of %L points stays until the sweep "
