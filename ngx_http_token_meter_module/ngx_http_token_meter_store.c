@@ -263,6 +263,12 @@ ngx_http_token_meter_store_probe(ngx_http_token_meter_store_t *store,
     pid = fork();
 
     if (pid == 0) {
+
+        /* a sanitizer's handlers would turn the signal into an exit */
+
+        signal(SIGBUS, SIG_DFL);
+        signal(SIGSEGV, SIG_DFL);
+
         ngx_http_token_meter_store_walk(store);
         _exit(0);
     }
@@ -293,6 +299,13 @@ ngx_http_token_meter_store_probe(ngx_http_token_meter_store_t *store,
                            "killed the checking process with signal %d; "
                            "restore it from a backup",
                            &store->path, WTERMSIG(status));
+        rc = NGX_ERROR;
+
+    } else if (WEXITSTATUS(status) != 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "token meter store \"%V\" cannot be checked: "
+                           "the checking process exited with status %d",
+                           &store->path, WEXITSTATUS(status));
         rc = NGX_ERROR;
     }
 

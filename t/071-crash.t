@@ -221,6 +221,12 @@ could not settle
 
 
 === TEST 4: a binary upgrade (USR2, then QUIT to the old master) under load
+The new binary gets only the environment that "env" passes on; "make
+check-asan" loads its sanitizer runtime with LD_PRELOAD.
+--- main_config
+    env LD_PRELOAD;
+    env ASAN_OPTIONS;
+    env UBSAN_OPTIONS;
 --- init
 my $subs = load_subscribers(30, trial => 0, paid => 300_000,
                             poor_every => 10);
