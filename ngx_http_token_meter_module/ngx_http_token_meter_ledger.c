@@ -60,6 +60,12 @@ ngx_http_token_meter_reserve(ngx_http_request_t *r,
     ngx_http_token_meter_subscriber_t    sub;
     ngx_http_token_meter_reservation_t   res;
 
+    /*
+     * TODO: a reservation costs a write transaction of its own; kept in
+     * shared memory instead, it would leave LMDB one write per request
+     * (docs/benchmarks.md, Suggestions)
+     */
+
     tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_meter_module);
 
     model = ctx->model;
@@ -276,6 +282,11 @@ ngx_http_token_meter_settle_txn(ngx_http_request_t *r,
     ngx_http_token_meter_main_conf_t    *tmcf;
     ngx_http_token_meter_subscriber_t    sub;
     ngx_http_token_meter_reservation_t   res;
+
+    /*
+     * TODO: settle the requests that end in one turn of the event loop in
+     * one write transaction
+     */
 
     tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_meter_module);
 
