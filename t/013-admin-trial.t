@@ -2,7 +2,8 @@
 # ever (closing and re-creating does not earn another), gone when it
 # expires (the subscriber then shows the unused points as expired_points),
 # and not given at all with "token_meter_trial 0".  The blocks run in
-# order on one store; the trial lasts 2 seconds here.
+# order on one store; the trial lasts 2 seconds here, 20 under valgrind,
+# which takes longer than that to restart nginx between the blocks.
 
 use t::TokenMeter;
 use t::TokenMeter::Expect;
@@ -10,12 +11,14 @@ use t::TokenMeter::Expect;
 # the admin key of this file is "tm-test-admin-key-6c1f0e9b2a7d"
 $ENV{TEST_NGINX_ADMIN_HASH} = sha256_hex('tm-test-admin-key-6c1f0e9b2a7d');
 
+our $Trial = $ENV{TEST_NGINX_USE_VALGRIND} ? 20 : 2;
+
 add_block_preprocessor(sub {
     my ($block) = @_;
 
-    $block->set_value(http_config => <<'EOC') if !defined $block->http_config;
-    token_meter_store $TEST_NGINX_STORE_DIR/store;
-    token_meter_trial 1000 2s;
+    $block->set_value(http_config => <<"EOC") if !defined $block->http_config;
+    token_meter_store \$TEST_NGINX_STORE_DIR/store;
+    token_meter_trial 1000 ${Trial}s;
 EOC
 
     $block->set_value(config => <<'EOC') if !defined $block->config;
@@ -115,8 +118,8 @@ Authorization: Bearer tm-test-admin-key-6c1f0e9b2a7d
 
 === TEST 5: after expiry the trial is gone and counted as expired
 --- init
-# the trials of TEST 1 last 2 seconds
-sleep 3;
+# the trials of TEST 1 last $main::Trial seconds
+sleep $main::Trial + 1;
 --- more_headers
 Authorization: Bearer tm-test-admin-key-6c1f0e9b2a7d
 --- request eval

@@ -341,10 +341,16 @@ SKIP: {
     $charged += $_->{points} for @records;
 
     is($got->[0], 200, 'the records can be read');
-    # README, Limitations: a settlement that cannot be written is lost
-    ok(!grep({ $_->{request_id} eq ($streams->[0]{request_id} // '') }
-             @records),
-       'the stream that ended while data.mdb was immutable has no record');
+    # README, Limitations: a settlement that cannot be written is lost.
+    # Under valgrind the stream may be settled only after the unfreeze.
+    SKIP: {
+        skip 'nginx under valgrind may settle after the unfreeze', 1
+            if $ENV{TEST_NGINX_USE_VALGRIND};
+
+        ok(!grep({ $_->{request_id} eq ($streams->[0]{request_id} // '') }
+                 @records),
+           'the stream that ended while data.mdb was immutable has no record');
+    }
     is(balance_of('sub_1')->{paid}, 1_000_000 + 5 - $charged,
        'paid = bought - charged');
 }

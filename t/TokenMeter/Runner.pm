@@ -85,6 +85,7 @@ my $MainPid = $$;
 my $FirstBlock = 1;
 my $PrevConfig;
 my $ChildPid;           # nginx in the foreground (valgrind), our child
+my $ValgrindBlock;      # the first block the running valgrind nginx served
 my $ConfigVersion = '';
 my $ErrLogPos = 0;
 my $NginxV;
@@ -231,6 +232,7 @@ sub run_tests () {
         $_->($block) for @TestCleanupHandlers;
     }
 
+    finish_valgrind('END');
     cleanup();
 }
 
@@ -265,10 +267,19 @@ sub run_test ($) {
         run_requests($block, $rep);
     }
 
-    if ($UseValgrind && !$UseHup) {
-        stop_nginx($name);
-        check_valgrind($block);
-    }
+    # valgrind's report waits until nginx stops: when the next block brings
+    # a configuration of its own, or when the file ends
+    $ValgrindBlock //= $block if $UseValgrind && !$UseHup;
+}
+
+sub finish_valgrind {
+    my ($name) = @_;
+
+    return unless $ValgrindBlock;
+
+    stop_nginx($name);
+    check_valgrind($ValgrindBlock);
+    undef $ValgrindBlock;
 }
 
 sub sections_supported {
@@ -326,10 +337,12 @@ sub prepare_nginx {
             unless defined $PrevConfig;
 
         # Test::Nginx reuses the running nginx for a block without
-        # --- config; start one if it has gone (valgrind mode stops it).
+        # --- config; start one if it has gone
         return 1 if nginx_pid();
         $config = $PrevConfig;
     }
+
+    finish_valgrind($name);
 
     $PrevConfig = $config;
 
@@ -626,7 +639,6 @@ sub valgrind_factor { $UseValgrind ? 6 : 1 }
 
 sub master_wanted {
     return 'on' if $UseHup;
-    return 'off' if $UseValgrind;
     return $MasterProcess;
 }
 
@@ -894,6 +906,7 @@ sub run_must_die {
     die "$name - --- must_die needs a --- config section\n"
         unless defined $config;
 
+    finish_valgrind($name);
     stop_nginx($name);
     undef $PrevConfig;
     $FirstBlock = 0;
