@@ -113,9 +113,11 @@ fuzz: $(FUZZ_BINS)
 # The suite again, under AddressSanitizer and UBSan or under valgrind,
 # each on its own port, server root and store directories (util/test-file)
 # so that it can run next to "make test"; t/README says more.  Neither
-# runs t/000-runner.t (the harness, with stock nginx) nor the fuzz file.
+# runs t/000-runner.t (the harness, with stock nginx), t/031-openai-demo.t
+# (the demo, with the ordinary build) nor the fuzz file.
 
-CHECK_TESTS   ?= $(filter-out t/000-runner.t t/090-fuzz-regressions.t, \
+CHECK_TESTS   ?= $(filter-out t/000-runner.t t/031-openai-demo.t \
+                              t/090-fuzz-regressions.t, \
                               $(wildcard t/[0-9]*.t))
 CHECK_MODULES  = $(MODULES_DIR)/ndk_http_module.so \
                  $(MODULES_DIR)/ngx_http_echo_module.so
