@@ -46,6 +46,7 @@ static char *ngx_http_token_meter_quota_status(ngx_conf_t *cf,
 static ngx_int_t ngx_http_token_meter_preconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_http_token_meter_postconfiguration(ngx_conf_t *cf);
 
+static void ngx_http_token_meter_check_debug_log(ngx_conf_t *cf);
 static ngx_int_t ngx_http_token_meter_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_token_meter_init_process(ngx_cycle_t *cycle);
 static void ngx_http_token_meter_exit_process(ngx_cycle_t *cycle);
@@ -745,6 +746,10 @@ ngx_http_token_meter_postconfiguration(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
+    if (tmcf->store) {
+        ngx_http_token_meter_check_debug_log(cf);
+    }
+
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
 
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_ACCESS_PHASE].handlers);
@@ -771,6 +776,37 @@ ngx_http_token_meter_postconfiguration(ngx_conf_t *cf)
     first[0] = ngx_http_token_meter_log_handler;
 
     return ngx_http_token_meter_filter_init(cf);
+}
+
+
+/*
+ * nginx itself writes every request header to a debug log, the keys in
+ * "Authorization" and "x-api-key" among them; the module cannot keep them
+ * out, so it says so when the main or the http error_log is at debug.
+ */
+
+static void
+ngx_http_token_meter_check_debug_log(ngx_conf_t *cf)
+{
+#if (NGX_DEBUG)
+    ngx_log_t                 *log;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    log = clcf->error_log ? clcf->error_log : &cf->cycle->new_log;
+
+    for ( /* void */ ; log; log = log->next) {
+        if (log->log_level & NGX_LOG_DEBUG_ALL) {
+            ngx_log_error(NGX_LOG_WARN, cf->log, 0,
+                          "token meter: an error_log at level debug gets "
+                          "every request header, API keys and the admin "
+                          "key among them; keep it at info or above where "
+                          "the keys are real");
+            return;
+        }
+    }
+#endif
 }
 
 

@@ -103,6 +103,7 @@ __DATA__
 --- no_error_log
 tm-test-admin-key-6c1f0e9b2a7d
 wrong-admin-key-0123456789
+an error_log at level debug
 sk-tm-
 [error]
 [alert]
@@ -135,6 +136,7 @@ sk-tm-
 
 
 === TEST 3: the debug log does have nginx's header lines: the filter works
+The module warns of them when nginx starts with a debug log.
 --- log_level: debug
 --- more_headers
 Authorization: Bearer tm-test-admin-key-6c1f0e9b2a7d
@@ -142,6 +144,7 @@ Authorization: Bearer tm-test-admin-key-6c1f0e9b2a7d
 GET /admin/subscribers/sub_1
 --- error_log
 http header: "Authorization: Bearer tm-test-admin-key-6c1f0e9b2a7d"
+token meter: an error_log at level debug gets every request header
 --- no_error_log eval
 [$::Secret, '[error]', '[alert]', '[crit]']
 
