@@ -85,8 +85,33 @@ void
 ngx_http_token_meter_json_scan(ngx_http_token_meter_json_scan_t *s,
     u_char *p, u_char *last)
 {
-    for ( /* void */ ; p < last; p++) {
-        ngx_http_token_meter_json_char(s, *p);
+    u_char  *q;
+
+    while (p < last) {
+
+        /*
+         * most of a document is the contents of strings that are neither
+         * keys nor kept: they are skipped, or counted, in one go
+         */
+
+        if (s->state == sw_string && !s->is_key && !s->capturing) {
+
+            for (q = p; q < last && *q != '"' && *q != '\\'; q++) {
+                /* void */
+            }
+
+            if (s->counting) {
+                ngx_http_token_meter_text_count(&s->text, p, q - p);
+            }
+
+            p = q;
+
+            if (p == last) {
+                break;
+            }
+        }
+
+        ngx_http_token_meter_json_char(s, *p++);
     }
 }
 
@@ -351,7 +376,7 @@ u_char *
 ngx_http_token_meter_sse_scan(ngx_http_token_meter_sse_scan_t *s, u_char *p,
     u_char *last, ngx_http_token_meter_event_pt handler, void *data)
 {
-    u_char  ch;
+    u_char  ch, *q;
 
     for ( /* void */ ; p < last; p++) {
         ch = *p;
@@ -457,7 +482,16 @@ ngx_http_token_meter_sse_scan(ngx_http_token_meter_sse_scan_t *s, u_char *p,
             /* fall through */
 
         case sw_data:
-            ngx_http_token_meter_json_scan(&s->json, p, p + 1);
+
+            /* the rest of the line at once: the loop goes on at its end */
+
+            for (q = p + 1; q < last && *q != '\r' && *q != '\n'; q++) {
+                /* void */
+            }
+
+            ngx_http_token_meter_json_scan(&s->json, p, q);
+
+            p = q - 1;
             break;
 
         default: /* sw_skip */
