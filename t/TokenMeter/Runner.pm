@@ -434,11 +434,13 @@ sub start_nginx_valgrind {
 
     $ChildPid = spawn(\@cmd, stderr => $StderrFile, group => 1);
 
-    # nginx runs in the foreground here, so readiness is the port.
+    # nginx runs in the foreground here, so readiness is the port, and
+    # with a master process the pid file too, written after the port opens
     my $deadline = time + 60;
 
     while (time < $deadline) {
-        return 1 if port_open($ServerAddr, $ServerPortForClient);
+        return 1 if port_open($ServerAddr, $ServerPortForClient)
+                    && (master_wanted() ne 'on' || -s $PidFile);
 
         if (waitpid($ChildPid, WNOHANG) == $ChildPid) {
             undef $ChildPid;
