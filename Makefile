@@ -100,7 +100,7 @@ SCAN          = ngx_http_token_meter_module/ngx_http_token_meter_scan
 fuzz-build: $(FUZZ_BINS)
 
 # the configured tree gives ngx_auto_config.h; it need not be up to date
-$(FUZZ_BINS): $(FUZZ_OUT)/%: fuzz/%.c $(SCAN).c $(SCAN).h \
+$(FUZZ_BINS): $(FUZZ_OUT)/%: fuzz/%.c fuzz/fuzz.h $(SCAN).c $(SCAN).h \
               | $(TREE)/objs/Makefile
 	mkdir -p $(FUZZ_OUT)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_INCS) -o $@ $< $(SCAN).c -ljansson

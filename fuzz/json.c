@@ -26,11 +26,10 @@
 #include <ngx_core.h>
 #include <jansson.h>
 
-#include "ngx_http_token_meter_scan.h"
+#include "fuzz.h"
 
 
 #define NGX_HTTP_TOKEN_METER_FUZZ_SPLITS  8
-#define NGX_HTTP_TOKEN_METER_FUZZ_TOKENS  1000000000LL
 
 
 static ngx_http_token_meter_json_scan_t *ngx_http_token_meter_fuzz_scan(
@@ -39,7 +38,6 @@ static void ngx_http_token_meter_fuzz_usage(
     ngx_http_token_meter_json_scan_t *s);
 static void ngx_http_token_meter_fuzz_oracle(
     ngx_http_token_meter_json_scan_t *s, const uint8_t *data, size_t len);
-static void ngx_http_token_meter_fuzz_check(int ok, const char *what);
 
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -159,20 +157,7 @@ ngx_http_token_meter_fuzz_usage(ngx_http_token_meter_json_scan_t *s)
 
     rc = ngx_http_token_meter_usage_parse(s->usage, s->usage_len, &usage);
 
-    if (rc != NGX_OK) {
-        ngx_http_token_meter_fuzz_check(rc == NGX_ERROR,
-                                        "usage parse returned junk");
-        return;
-    }
-
-    /* ngx_http_token_meter_cost() relies on these bounds not to overflow */
-
-    ngx_http_token_meter_fuzz_check(
-        usage.input >= 0 && usage.input <= NGX_HTTP_TOKEN_METER_FUZZ_TOKENS
-        && usage.output >= 0
-        && usage.output <= NGX_HTTP_TOKEN_METER_FUZZ_TOKENS
-        && usage.cached >= 0 && usage.cached <= usage.input,
-        "parsed usage out of bounds");
+    ngx_http_token_meter_fuzz_check_usage(rc, &usage);
 }
 
 
@@ -222,14 +207,4 @@ ngx_http_token_meter_fuzz_oracle(ngx_http_token_meter_json_scan_t *s,
 
     json_decref(got);
     json_decref(doc);
-}
-
-
-static void
-ngx_http_token_meter_fuzz_check(int ok, const char *what)
-{
-    if (!ok) {
-        fprintf(stderr, "token meter fuzz: %s\n", what);
-        abort();
-    }
 }

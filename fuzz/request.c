@@ -26,10 +26,9 @@
 #include <ngx_core.h>
 #include <jansson.h>
 
-#include "ngx_http_token_meter_scan.h"
+#include "fuzz.h"
 
 
-static void ngx_http_token_meter_fuzz_check(int ok, const char *what);
 
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -75,14 +74,4 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         "more tokens than bytes");
 
     return 0;
-}
-
-
-static void
-ngx_http_token_meter_fuzz_check(int ok, const char *what)
-{
-    if (!ok) {
-        fprintf(stderr, "token meter fuzz: %s\n", what);
-        abort();
-    }
 }

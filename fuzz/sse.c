@@ -24,11 +24,10 @@
 #include <ngx_core.h>
 #include <jansson.h>
 
-#include "ngx_http_token_meter_scan.h"
+#include "fuzz.h"
 
 
 #define NGX_HTTP_TOKEN_METER_FUZZ_SPLITS  8
-#define NGX_HTTP_TOKEN_METER_FUZZ_TOKENS  1000000000LL
 
 
 typedef struct {
@@ -46,7 +45,6 @@ static void ngx_http_token_meter_fuzz_event(void *data,
     ngx_http_token_meter_json_scan_t *json);
 static uint64_t ngx_http_token_meter_fuzz_mix(uint64_t h, const void *p,
     size_t len);
-static void ngx_http_token_meter_fuzz_check(int ok, const char *what);
 
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -211,20 +209,11 @@ ngx_http_token_meter_fuzz_event(void *data,
     run->digest = ngx_http_token_meter_fuzz_mix(run->digest, &rc,
                                                 sizeof(ngx_int_t));
 
+    ngx_http_token_meter_fuzz_check_usage(rc, &usage);
+
     if (rc != NGX_OK) {
-        ngx_http_token_meter_fuzz_check(rc == NGX_ERROR,
-                                        "usage parse returned junk");
         return;
     }
-
-    /* ngx_http_token_meter_cost() relies on these bounds not to overflow */
-
-    ngx_http_token_meter_fuzz_check(
-        usage.input >= 0 && usage.input <= NGX_HTTP_TOKEN_METER_FUZZ_TOKENS
-        && usage.output >= 0
-        && usage.output <= NGX_HTTP_TOKEN_METER_FUZZ_TOKENS
-        && usage.cached >= 0 && usage.cached <= usage.input,
-        "parsed usage out of bounds");
 
     run->usages++;
     run->digest = ngx_http_token_meter_fuzz_mix(run->digest, &usage,
@@ -244,14 +233,4 @@ ngx_http_token_meter_fuzz_mix(uint64_t h, const void *p, size_t len)
     }
 
     return h;
-}
-
-
-static void
-ngx_http_token_meter_fuzz_check(int ok, const char *what)
-{
-    if (!ok) {
-        fprintf(stderr, "token meter fuzz: %s\n", what);
-        abort();
-    }
 }

@@ -27,10 +27,9 @@
 #include <ngx_core.h>
 #include <jansson.h>
 
-#include "ngx_http_token_meter_scan.h"
+#include "fuzz.h"
 
 
-#define NGX_HTTP_TOKEN_METER_FUZZ_TOKENS  1000000000LL
 
 
 static ngx_int_t ngx_http_token_meter_fuzz_expect(json_t *doc,
@@ -38,7 +37,6 @@ static ngx_int_t ngx_http_token_meter_fuzz_expect(json_t *doc,
 static ngx_int_t ngx_http_token_meter_fuzz_count(json_t *obj, char *name,
     char *other, int64_t *value);
 static ngx_uint_t ngx_http_token_meter_fuzz_flat(json_t *obj);
-static void ngx_http_token_meter_fuzz_check(int ok, const char *what);
 
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -62,21 +60,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     free(text);
 
-    if (rc == NGX_OK) {
-
-        /* ngx_http_token_meter_cost() relies on these not to overflow */
-
-        ngx_http_token_meter_fuzz_check(
-        usage.input >= 0 && usage.input <= NGX_HTTP_TOKEN_METER_FUZZ_TOKENS
-        && usage.output >= 0
-        && usage.output <= NGX_HTTP_TOKEN_METER_FUZZ_TOKENS
-        && usage.cached >= 0 && usage.cached <= usage.input,
-        "parsed usage out of bounds");
-
-    } else {
-        ngx_http_token_meter_fuzz_check(rc == NGX_ERROR,
-                                        "usage parse returned junk");
-    }
+    ngx_http_token_meter_fuzz_check_usage(rc, &usage);
 
     /*
      * jansson skips NUL bytes between tokens and reads "-0" as 0, where
@@ -247,14 +231,4 @@ ngx_http_token_meter_fuzz_flat(json_t *obj)
     }
 
     return 1;
-}
-
-
-static void
-ngx_http_token_meter_fuzz_check(int ok, const char *what)
-{
-    if (!ok) {
-        fprintf(stderr, "token meter fuzz: %s\n", what);
-        abort();
-    }
 }
