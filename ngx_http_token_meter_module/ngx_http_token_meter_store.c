@@ -42,6 +42,8 @@ static ngx_int_t ngx_http_token_meter_store_env(
     ngx_http_token_meter_store_t *store, ngx_log_t *log, char **err);
 static char *ngx_http_token_meter_store_init_schema(
     ngx_http_token_meter_store_t *store, ngx_conf_t *cf);
+static ngx_int_t ngx_http_token_meter_store_conf_env(
+    ngx_http_token_meter_store_t *store, ngx_conf_t *cf);
 static ngx_int_t ngx_http_token_meter_store_probe(
     ngx_http_token_meter_store_t *store, ngx_conf_t *cf);
 static void ngx_http_token_meter_store_walk(
@@ -108,7 +110,7 @@ char *
 ngx_http_token_meter_store_check(ngx_http_token_meter_store_t *store,
     ngx_conf_t *cf)
 {
-    char             *err, *rv;
+    char             *rv;
     u_char           *p;
     size_t            used;
     MDB_stat          st;
@@ -170,10 +172,7 @@ ngx_http_token_meter_store_check(ngx_http_token_meter_store_t *store,
         return NGX_CONF_ERROR;
     }
 
-    if (ngx_http_token_meter_store_env(store, cf->log, &err) != NGX_OK) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "token meter store \"%V\" cannot be opened: %s",
-                           &store->path, err);
+    if (ngx_http_token_meter_store_conf_env(store, cf) != NGX_OK) {
         return NGX_CONF_ERROR;
     }
 
@@ -213,10 +212,7 @@ ngx_http_token_meter_store_check(ngx_http_token_meter_store_t *store,
         return NGX_CONF_ERROR;
     }
 
-    if (ngx_http_token_meter_store_env(store, cf->log, &err) != NGX_OK) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "token meter store \"%V\" cannot be opened: %s",
-                           &store->path, err);
+    if (ngx_http_token_meter_store_conf_env(store, cf) != NGX_OK) {
         return NGX_CONF_ERROR;
     }
 
@@ -229,6 +225,23 @@ ngx_http_token_meter_store_check(ngx_http_token_meter_store_t *store,
     ngx_http_token_meter_store_close(store);
 
     return rv;
+}
+
+
+static ngx_int_t
+ngx_http_token_meter_store_conf_env(ngx_http_token_meter_store_t *store,
+    ngx_conf_t *cf)
+{
+    char  *err;
+
+    if (ngx_http_token_meter_store_env(store, cf->log, &err) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "token meter store \"%V\" cannot be opened: %s",
+                           &store->path, err);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
 }
 
 
