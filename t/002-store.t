@@ -10,9 +10,7 @@
 use t::TokenMeter;
 use t::TokenMeter::Expect;
 use t::TokenMeter::Store;
-
-# the admin key of this file is "tm-test-admin-key-6c1f0e9b2a7d"
-$ENV{TEST_NGINX_ADMIN_HASH} = sha256_hex('tm-test-admin-key-6c1f0e9b2a7d');
+use t::TokenMeter::Admin;
 
 our $Dir = $ENV{TEST_NGINX_STORE_DIR};
 

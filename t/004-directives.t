@@ -4,9 +4,7 @@
 # errors, and saying so keeps Test::Nginx from warning about the line.
 
 use t::TokenMeter;
-
-# the admin key of this file is "tm-test-admin-key-6c1f0e9b2a7d"
-$ENV{TEST_NGINX_ADMIN_HASH} = sha256_hex('tm-test-admin-key-6c1f0e9b2a7d');
+use t::TokenMeter::Admin;
 
 no_shuffle();
 run_tests();

@@ -11,24 +11,9 @@
 
 use t::TokenMeter;
 use t::TokenMeter::Expect;
+use t::TokenMeter::Admin;
 
-# the admin key of this file is "tm-test-admin-key-6c1f0e9b2a7d"
-$ENV{TEST_NGINX_ADMIN_HASH} = sha256_hex('tm-test-admin-key-6c1f0e9b2a7d');
-
-add_block_preprocessor(sub {
-    my ($block) = @_;
-
-    $block->set_value(http_config => <<'EOC') if !defined $block->http_config;
-    token_meter_store $TEST_NGINX_STORE_DIR/store;
-EOC
-
-    $block->set_value(config => <<'EOC') if !defined $block->config;
-    location /admin/ {
-        token_meter_admin;
-        token_meter_admin_key sha256:$TEST_NGINX_ADMIN_HASH;
-    }
-EOC
-});
+admin_defaults();
 
 no_shuffle();
 run_tests();

@@ -6,11 +6,9 @@
 
 use t::TokenMeter;
 use t::TokenMeter::Store;
+use t::TokenMeter::Admin;
 
 use HTTP::Tiny ();
-
-# the admin key of this file is "tm-test-admin-key-6c1f0e9b2a7d"
-$ENV{TEST_NGINX_ADMIN_HASH} = sha256_hex('tm-test-admin-key-6c1f0e9b2a7d');
 
 # A store that is nearly full at size=1m: one of our databases holds 239
 # records of 4000 bytes, a page each.  nginx still starts with it, and the

@@ -9,11 +9,9 @@
 
 use t::TokenMeter;
 use t::TokenMeter::Store;
+use t::TokenMeter::Admin;
 
 use File::Path ();
-
-# the admin key of this file is "tm-test-admin-key-6c1f0e9b2a7d"
-$ENV{TEST_NGINX_ADMIN_HASH} = sha256_hex('tm-test-admin-key-6c1f0e9b2a7d');
 
 our $Dir = $ENV{TEST_NGINX_STORE_DIR};
 

@@ -14,9 +14,7 @@
 
 use t::TokenMeter;
 use t::TokenMeter::Expect;
-
-# the admin key of this file is "tm-test-admin-key-6c1f0e9b2a7d"
-$ENV{TEST_NGINX_ADMIN_HASH} = sha256_hex('tm-test-admin-key-6c1f0e9b2a7d');
+use t::TokenMeter::Admin;
 
 # Any line holding a secret, except nginx's own "http header:" lines.
 our $Secret = qr/^(?!.*\bhttp header: ").*(?:tm-test-admin-key-6c1f0e9b2a7d|wrong-admin-key-0123456789|sk-tm-)/;
