@@ -6,6 +6,7 @@
 
 #include <ngx_config.h>
 #include <ngx_core.h>
+#include <pthread.h>
 #include <lmdb.h>
 
 #include "ngx_http_token_meter_store.h"
@@ -22,6 +23,18 @@ struct ngx_http_token_meter_store_s {
     MDB_dbi                     dbi[NGX_HTTP_TOKEN_METER_DB_N];
     ngx_log_t                  *log;
     time_t                      full_logged;
+
+    /* a read transaction kept reset between uses */
+    MDB_txn                    *reader;
+
+    /* the thread that flushes the map with sync=<time> */
+    pthread_t                   syncer;
+    pthread_mutex_t             sync_mutex;
+    pthread_cond_t              sync_cond;
+    int                         sync_error;
+    unsigned                    sync_wanted:1;
+    unsigned                    sync_stop:1;
+    unsigned                    syncer_running:1;
 };
 
 
@@ -29,6 +42,7 @@ struct ngx_http_token_meter_txn_s {
     MDB_txn                    *txn;
     ngx_http_token_meter_store_t  *store;
     ngx_log_t                  *log;
+    ngx_uint_t                  write;
 };
 
 
@@ -50,6 +64,11 @@ static void ngx_http_token_meter_store_walk(
     ngx_http_token_meter_store_t *store);
 static ngx_int_t ngx_http_token_meter_store_failed(
     ngx_http_token_meter_txn_t *txn, const char *call, int rc);
+static void ngx_http_token_meter_syncer_start(
+    ngx_http_token_meter_store_t *store, ngx_log_t *log);
+static void ngx_http_token_meter_syncer_stop(
+    ngx_http_token_meter_store_t *store);
+static void *ngx_http_token_meter_syncer(void *data);
 
 
 static char *ngx_http_token_meter_db_names[] = {
@@ -666,6 +685,10 @@ ngx_http_token_meter_store_open(ngx_http_token_meter_store_t *store,
         goto failed;
     }
 
+    if (store->sync != 0 && store->sync != NGX_HTTP_TOKEN_METER_SYNC_OFF) {
+        ngx_http_token_meter_syncer_start(store, log);
+    }
+
     return NGX_OK;
 
 failed:
@@ -688,12 +711,141 @@ ngx_http_token_meter_store_close(ngx_http_token_meter_store_t *store)
         return;
     }
 
+    ngx_http_token_meter_syncer_stop(store);
+
+    if (store->reader) {
+        mdb_txn_abort(store->reader);
+        store->reader = NULL;
+    }
+
     if (store->sync != 0) {
         (void) mdb_env_sync(store->env, 1);
     }
 
     mdb_env_close(store->env);
     store->env = NULL;
+}
+
+
+/*
+ * With sync=<time> the map is flushed to disk by a thread of the worker:
+ * an fdatasync() of a busy store takes milliseconds, which the event loop
+ * would otherwise spend waiting.  Without the thread the flush is done in
+ * the event loop.
+ */
+
+static void
+ngx_http_token_meter_syncer_start(ngx_http_token_meter_store_t *store,
+    ngx_log_t *log)
+{
+    int       err;
+    sigset_t  set, old;
+
+    if (store->syncer_running) {
+        return;
+    }
+
+    if (pthread_mutex_init(&store->sync_mutex, NULL) != 0) {
+        ngx_log_error(NGX_LOG_ALERT, log, 0,
+                      "token meter store \"%V\": pthread_mutex_init() "
+                      "failed, the store is flushed in the event loop",
+                      &store->path);
+        return;
+    }
+
+    if (pthread_cond_init(&store->sync_cond, NULL) != 0) {
+        ngx_log_error(NGX_LOG_ALERT, log, 0,
+                      "token meter store \"%V\": pthread_cond_init() "
+                      "failed, the store is flushed in the event loop",
+                      &store->path);
+        (void) pthread_mutex_destroy(&store->sync_mutex);
+        return;
+    }
+
+    store->sync_wanted = 0;
+    store->sync_stop = 0;
+    store->sync_error = 0;
+
+    /* signals are the event loop's to handle */
+
+    sigfillset(&set);
+    (void) pthread_sigmask(SIG_SETMASK, &set, &old);
+
+    err = pthread_create(&store->syncer, NULL, ngx_http_token_meter_syncer,
+                         store);
+
+    (void) pthread_sigmask(SIG_SETMASK, &old, NULL);
+
+    if (err != 0) {
+        ngx_log_error(NGX_LOG_ALERT, log, err,
+                      "token meter store \"%V\": pthread_create() failed, "
+                      "the store is flushed in the event loop",
+                      &store->path);
+        (void) pthread_cond_destroy(&store->sync_cond);
+        (void) pthread_mutex_destroy(&store->sync_mutex);
+        return;
+    }
+
+    store->syncer_running = 1;
+}
+
+
+static void
+ngx_http_token_meter_syncer_stop(ngx_http_token_meter_store_t *store)
+{
+    if (!store->syncer_running) {
+        return;
+    }
+
+    (void) pthread_mutex_lock(&store->sync_mutex);
+    store->sync_stop = 1;
+    (void) pthread_cond_signal(&store->sync_cond);
+    (void) pthread_mutex_unlock(&store->sync_mutex);
+
+    (void) pthread_join(store->syncer, NULL);
+
+    (void) pthread_cond_destroy(&store->sync_cond);
+    (void) pthread_mutex_destroy(&store->sync_mutex);
+
+    store->syncer_running = 0;
+}
+
+
+static void *
+ngx_http_token_meter_syncer(void *data)
+{
+    ngx_http_token_meter_store_t *store = data;
+
+    int  rc;
+
+    (void) pthread_mutex_lock(&store->sync_mutex);
+
+    for ( ;; ) {
+
+        while (!store->sync_wanted && !store->sync_stop) {
+            (void) pthread_cond_wait(&store->sync_cond, &store->sync_mutex);
+        }
+
+        if (store->sync_stop) {
+            break;
+        }
+
+        store->sync_wanted = 0;
+
+        (void) pthread_mutex_unlock(&store->sync_mutex);
+
+        rc = mdb_env_sync(store->env, 1);
+
+        (void) pthread_mutex_lock(&store->sync_mutex);
+
+        if (rc != 0) {
+            store->sync_error = rc;
+        }
+    }
+
+    (void) pthread_mutex_unlock(&store->sync_mutex);
+
+    return NULL;
 }
 
 
@@ -713,7 +865,20 @@ ngx_http_token_meter_store_sync(ngx_http_token_meter_store_t *store)
         return NGX_OK;
     }
 
-    rc = mdb_env_sync(store->env, 1);
+    if (store->syncer_running) {
+        (void) pthread_mutex_lock(&store->sync_mutex);
+
+        rc = store->sync_error;
+        store->sync_error = 0;
+        store->sync_wanted = 1;
+        (void) pthread_cond_signal(&store->sync_cond);
+
+        (void) pthread_mutex_unlock(&store->sync_mutex);
+
+    } else {
+        rc = mdb_env_sync(store->env, 1);
+    }
+
     if (rc != 0) {
         ngx_log_error(NGX_LOG_CRIT, store->log, 0,
                       "token meter store \"%V\": mdb_env_sync() failed: %s",
@@ -881,6 +1046,22 @@ ngx_http_token_meter_txn_begin(ngx_http_token_meter_store_t *store,
 
     txn->store = store;
     txn->log = log;
+    txn->write = write;
+
+    if (!write && store->reader) {
+
+        /* renewing keeps the reader slot: no lock on the reader table */
+
+        txn->txn = store->reader;
+        store->reader = NULL;
+
+        if (mdb_txn_renew(txn->txn) == 0) {
+            *txnp = txn;
+            return NGX_OK;
+        }
+
+        mdb_txn_abort(txn->txn);
+    }
 
     for (tries = 0; /* void */; tries++) {
 
@@ -958,7 +1139,14 @@ ngx_http_token_meter_txn_commit(ngx_http_token_meter_txn_t *txn)
 void
 ngx_http_token_meter_txn_abort(ngx_http_token_meter_txn_t *txn)
 {
-    mdb_txn_abort(txn->txn);
+    if (!txn->write && txn->store->reader == NULL) {
+        mdb_txn_reset(txn->txn);
+        txn->store->reader = txn->txn;
+
+    } else {
+        mdb_txn_abort(txn->txn);
+    }
+
     ngx_free(txn);
 }
 

@@ -23,6 +23,9 @@
  */
 #define NGX_HTTP_TOKEN_METER_FULL  -10
 
+/* sync=off: never flushed by the module, left to the kernel */
+#define NGX_HTTP_TOKEN_METER_SYNC_OFF  ((ngx_msec_t) -1)
+
 
 typedef enum {
     NGX_HTTP_TOKEN_METER_DB_META = 0,
