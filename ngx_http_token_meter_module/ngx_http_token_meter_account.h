@@ -111,6 +111,10 @@ typedef struct {
 } ngx_http_token_meter_balance_t;
 
 
+void ngx_http_token_meter_count_settled(
+    ngx_http_token_meter_main_conf_t *tmcf,
+    ngx_http_token_meter_model_t *model, ngx_http_token_meter_record_t *rec,
+    ngx_msec_int_t usec);
 ngx_int_t ngx_http_token_meter_msisdn_valid(ngx_str_t *msisdn);
 ngx_str_t ngx_http_token_meter_msisdn(
     ngx_http_token_meter_subscriber_t *sub);

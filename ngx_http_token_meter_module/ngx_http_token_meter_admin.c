@@ -130,6 +130,10 @@ ngx_http_token_meter_admin_handler(ngx_http_request_t *r)
     ngx_http_token_meter_ctx_t        *rctx;
     ngx_http_token_meter_admin_ctx_t  *ctx;
 
+    /* what this worker settled so far is written before it is read */
+
+    ngx_http_token_meter_flush();
+
     rctx = ngx_pcalloc(r->pool, sizeof(ngx_http_token_meter_ctx_t));
     if (rctx == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;

@@ -13,20 +13,79 @@
 
 
 /*
- * Reservation and settlement.  Both are called through functions that
- * may answer later (NGX_AGAIN, then the resume handler), so that a store
- * shared between edges can be put behind them; the LMDB store always
- * answers at once.
+ * Reservation and settlement.  The requests of one turn of the event loop
+ * share one write transaction: a reservation waits for it (the request
+ * resumes once it is committed), a settlement is worked out in the log
+ * phase on a read transaction, so that the log line carries its figures,
+ * and written with the others.  A batch that cannot be committed is
+ * written again one request at a time, so that one bad entry costs only
+ * itself.
  */
 
 
-static ngx_int_t ngx_http_token_meter_settle_txn(ngx_http_request_t *r,
-    ngx_http_token_meter_ctx_t *ctx, int64_t cost, int64_t *available);
+#define NGX_HTTP_TOKEN_METER_BATCH  128
+
+
+typedef struct {
+    ngx_http_token_meter_main_conf_t    *tmcf;
+    uint64_t                             subscriber;
+
+    /* a reservation */
+    ngx_http_request_t                  *request;
+    ngx_http_token_meter_ctx_t          *ctx;
+    ngx_http_token_meter_resume_pt       resume;
+    int64_t                              allowance;
+    int64_t                              points;
+    int64_t                              available;
+
+    /* a settlement */
+    ngx_http_token_meter_model_t        *model;
+    ngx_http_token_meter_record_t        record;
+    int64_t                              logged;
+
+    ngx_int_t                            rc;
+} ngx_http_token_meter_entry_t;
+
+
+typedef struct {
+    ngx_http_request_t                  *request;
+    ngx_http_token_meter_resume_pt       resume;
+    ngx_int_t                            rc;
+} ngx_http_token_meter_wakeup_t;
+
+
+typedef struct {
+    ngx_uint_t                           n;
+    ngx_event_t                          event;
+    ngx_http_token_meter_entry_t         entry[NGX_HTTP_TOKEN_METER_BATCH];
+} ngx_http_token_meter_batch_t;
+
+
+static ngx_http_token_meter_entry_t *ngx_http_token_meter_enqueue(
+    ngx_http_token_meter_main_conf_t *tmcf, uint64_t subscriber);
+static void ngx_http_token_meter_flush_handler(ngx_event_t *ev);
+static ngx_int_t ngx_http_token_meter_write(
+    ngx_http_token_meter_main_conf_t *tmcf,
+    ngx_http_token_meter_entry_t *entry, ngx_uint_t n);
+static ngx_int_t ngx_http_token_meter_apply(ngx_http_token_meter_txn_t *txn,
+    ngx_http_token_meter_entry_t *entry);
+static ngx_int_t ngx_http_token_meter_reserve_txn(
+    ngx_http_token_meter_txn_t *txn, ngx_http_token_meter_entry_t *entry);
+static ngx_int_t ngx_http_token_meter_settle_txn(
+    ngx_http_token_meter_txn_t *txn, ngx_http_token_meter_entry_t *entry);
+static void ngx_http_token_meter_settled(ngx_http_token_meter_entry_t *entry,
+    ngx_msec_int_t usec);
+static ngx_int_t ngx_http_token_meter_preview(ngx_http_request_t *r,
+    ngx_http_token_meter_ctx_t *ctx, int64_t cost,
+    ngx_http_token_meter_record_t *rec);
 static ngx_int_t ngx_http_token_meter_record_put(
     ngx_http_token_meter_txn_t *txn, ngx_http_token_meter_record_t *rec);
 static ngx_int_t ngx_http_token_meter_release(
     ngx_http_token_meter_txn_t *txn, u_char *request_id,
     ngx_http_token_meter_reservation_t *res);
+
+
+static ngx_http_token_meter_batch_t  ngx_http_token_meter_batch;
 
 
 int64_t
@@ -50,26 +109,10 @@ ngx_int_t
 ngx_http_token_meter_reserve(ngx_http_request_t *r,
     ngx_http_token_meter_ctx_t *ctx, ngx_http_token_meter_resume_pt resume)
 {
-    int64_t                              input, need, afford;
-    time_t                               now;
-    ngx_int_t                            rc;
-    ngx_http_token_meter_txn_t          *txn;
-    ngx_http_token_meter_model_t        *model;
-    ngx_http_token_meter_balance_t       balance;
-    ngx_http_token_meter_main_conf_t    *tmcf;
-    ngx_http_token_meter_subscriber_t    sub;
-    ngx_http_token_meter_reservation_t   res;
-
-    /*
-     * TODO: a reservation costs a write transaction of its own; kept in
-     * shared memory instead, it would leave LMDB one write per request
-     * (docs/benchmarks.md, Suggestions)
-     */
+    ngx_http_token_meter_entry_t      *entry;
+    ngx_http_token_meter_main_conf_t  *tmcf;
 
     tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_meter_module);
-
-    model = ctx->model;
-    now = ngx_time();
 
     /*
      * A request admitted must be settled: new requests are refused while
@@ -82,106 +125,13 @@ ngx_http_token_meter_reserve(ngx_http_request_t *r,
         return NGX_HTTP_TOKEN_METER_FULL;
     }
 
-    rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 1,
-                                        r->connection->log);
-    if (rc != NGX_OK) {
-        return rc;
-    }
+    entry = ngx_http_token_meter_enqueue(tmcf, ctx->subscriber);
 
-    rc = ngx_http_token_meter_subscriber_get(txn, ctx->subscriber, &sub);
-    if (rc != NGX_OK) {
-        goto failed;
-    }
+    entry->request = r;
+    entry->ctx = ctx;
+    entry->resume = resume;
 
-    if (sub.status != NGX_HTTP_TOKEN_METER_ACTIVE) {
-        rc = NGX_HTTP_FORBIDDEN;
-        goto failed;
-    }
-
-    rc = ngx_http_token_meter_balance(txn, &sub, now, &balance);
-    if (rc != NGX_OK) {
-        goto failed;
-    }
-
-    input = ctx->input_estimate * model->input;
-
-    /* each of "n" choices may take the whole allowance */
-
-    need = (input + ctx->allowance * ctx->choices * model->output
-            + NGX_HTTP_TOKEN_METER_PRICE_SCALE - 1)
-           / NGX_HTTP_TOKEN_METER_PRICE_SCALE;
-
-    if (need > balance.available) {
-
-        if (ctx->embeddings || !tmcf->lower_max_tokens || model->output == 0)
-        {
-            rc = NGX_DECLINED;
-            goto failed;
-        }
-
-        /* the most output the balance pays for, after the input */
-
-        afford = (balance.available * NGX_HTTP_TOKEN_METER_PRICE_SCALE
-                  - input) / (model->output * ctx->choices);
-
-        if (afford < 1) {
-            rc = NGX_DECLINED;
-            goto failed;
-        }
-
-        ngx_log_debug3(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                       "token meter lowers max tokens from %L to %L "
-                       "for sub_%uL", ctx->allowance, afford, sub.id);
-
-        ctx->allowance = afford;
-
-        need = (input + afford * ctx->choices * model->output
-                + NGX_HTTP_TOKEN_METER_PRICE_SCALE - 1)
-               / NGX_HTTP_TOKEN_METER_PRICE_SCALE;
-    }
-
-    sub.reserved += need;
-
-    rc = ngx_http_token_meter_subscriber_put(txn, &sub);
-    if (rc != NGX_OK) {
-        goto failed;
-    }
-
-    res.subscriber = sub.id;
-    res.points = need;
-    res.created = now;
-    res.deadline = now + tmcf->reservation_timeout;
-    res.pid = ngx_pid;
-
-    rc = ngx_http_token_meter_put(txn, NGX_HTTP_TOKEN_METER_DB_RESERVATIONS,
-                                  ctx->request_id, 16, &res, sizeof(res), 1);
-    if (rc != NGX_OK) {
-        goto failed;
-    }
-
-    rc = ngx_http_token_meter_txn_commit(txn);
-    if (rc != NGX_OK) {
-        return rc;
-    }
-
-    ctx->reserved = need;
-    ctx->balance = balance.available - need;
-
-    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                   "token meter reserved %L points for sub_%uL, %L left",
-                   need, sub.id, ctx->balance);
-
-    return NGX_OK;
-
-failed:
-
-    ngx_http_token_meter_txn_abort(txn);
-
-    if (rc == NGX_DECLINED) {
-        ctx->balance = balance.available;
-    }
-
-    return rc;
+    return NGX_AGAIN;
 }
 
 
@@ -189,15 +139,19 @@ ngx_int_t
 ngx_http_token_meter_settle(ngx_http_request_t *r,
     ngx_http_token_meter_ctx_t *ctx)
 {
-    int64_t          cost, available;
-    ngx_int_t        rc;
-    struct timespec  start, stop;
+    int64_t                             cost;
+    ngx_time_t                         *tp;
+    ngx_http_token_meter_entry_t       *entry;
+    ngx_http_token_meter_record_t       rec;
+    ngx_http_token_meter_main_conf_t   *tmcf;
 
     if (ctx->settled || !ctx->admitted) {
         return NGX_OK;
     }
 
     ctx->settled = 1;
+
+    tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_meter_module);
 
     if (ctx->usage_found) {
         ctx->source = NGX_HTTP_TOKEN_METER_SOURCE_UPSTREAM;
@@ -223,94 +177,539 @@ ngx_http_token_meter_settle(ngx_http_request_t *r,
 
     cost = ngx_http_token_meter_cost(ctx->model, &ctx->usage);
 
+    /*
+     * The figures are worked out on what is committed: a request of the
+     * same subscriber still waiting in the batch would change them
+     */
+
+    if (ngx_http_token_meter_pending(tmcf, ctx->subscriber)) {
+        ngx_http_token_meter_flush();
+    }
+
+    ngx_memzero(&rec, sizeof(ngx_http_token_meter_record_t));
+
+    ngx_memcpy(rec.request_id, ctx->request_id, 16);
+    rec.subscriber = ctx->subscriber;
+    tp = ngx_timeofday();
+    rec.time = (int64_t) tp->sec * 1000 + tp->msec;
+    rec.input = ctx->usage.input;
+    rec.cached = ctx->usage.cached;
+    rec.output = ctx->usage.output;
+    rec.cost = cost;
+    rec.status = (uint32_t) ctx->status;
+    rec.source = (uint32_t) ctx->source;
+    ngx_memcpy(rec.model, ctx->model->name.data,
+               ngx_min(ctx->model->name.len, sizeof(rec.model)));
+
+    entry = ngx_http_token_meter_enqueue(tmcf, ctx->subscriber);
+
+    entry->model = ctx->model;
+    entry->record = rec;
+    entry->logged = -1;
+
+    if (ngx_http_token_meter_preview(r, ctx, cost, &entry->record) == NGX_OK) {
+        entry->logged = ctx->points;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * A request of the subscriber waits in the batch: its figures are not in
+ * the store yet
+ */
+
+ngx_uint_t
+ngx_http_token_meter_pending(ngx_http_token_meter_main_conf_t *tmcf,
+    uint64_t subscriber)
+{
+    ngx_uint_t                     i;
+    ngx_http_token_meter_batch_t  *batch;
+
+    batch = &ngx_http_token_meter_batch;
+
+    for (i = 0; i < batch->n; i++) {
+        if (batch->entry[i].subscriber == subscriber
+            || batch->entry[i].tmcf != tmcf)
+        {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+static ngx_http_token_meter_entry_t *
+ngx_http_token_meter_enqueue(ngx_http_token_meter_main_conf_t *tmcf,
+    uint64_t subscriber)
+{
+    ngx_http_token_meter_entry_t  *entry;
+    ngx_http_token_meter_batch_t  *batch;
+
+    batch = &ngx_http_token_meter_batch;
+
+    if (batch->n == NGX_HTTP_TOKEN_METER_BATCH
+        || (batch->n && batch->entry[0].tmcf != tmcf))
+    {
+        ngx_http_token_meter_flush();
+    }
+
+    entry = &batch->entry[batch->n++];
+
+    ngx_memzero(entry, sizeof(ngx_http_token_meter_entry_t));
+
+    entry->tmcf = tmcf;
+    entry->subscriber = subscriber;
+
+    if (batch->event.handler == NULL) {
+        batch->event.handler = ngx_http_token_meter_flush_handler;
+        batch->event.log = ngx_cycle->log;
+    }
+
+    if (!batch->event.posted) {
+        ngx_post_event(&batch->event, &ngx_posted_events);
+    }
+
+    return entry;
+}
+
+
+static void
+ngx_http_token_meter_flush_handler(ngx_event_t *ev)
+{
+    ngx_http_token_meter_flush();
+}
+
+
+/*
+ * Writes what the batch holds, then lets the requests that waited for
+ * their reservation go on.  Called at the end of the event loop turn,
+ * and before anything that must see every settlement made so far.
+ */
+
+void
+ngx_http_token_meter_flush(void)
+{
+    ngx_uint_t                         i, n, w;
+    ngx_connection_t                  *c;
+    struct timespec                    start, stop;
+    ngx_msec_int_t                     usec;
+    ngx_http_token_meter_ctx_t        *ctx;
+    ngx_http_token_meter_batch_t      *batch;
+    ngx_http_token_meter_entry_t      *entry;
+    ngx_http_token_meter_wakeup_t      wakeup[NGX_HTTP_TOKEN_METER_BATCH];
+    ngx_http_token_meter_main_conf_t  *tmcf;
+
+    batch = &ngx_http_token_meter_batch;
+
+    if (batch->event.posted) {
+        ngx_delete_posted_event(&batch->event);
+    }
+
+    n = batch->n;
+
+    if (n == 0) {
+        return;
+    }
+
+    entry = batch->entry;
+    tmcf = entry[0].tmcf;
+
     clock_gettime(CLOCK_MONOTONIC, &start);
 
-    rc = ngx_http_token_meter_settle_txn(r, ctx, cost, &available);
+    if (ngx_http_token_meter_write(tmcf, entry, n) != NGX_OK) {
+
+        /* one at a time, so that what can be written is */
+
+        for (i = 0; i < n; i++) {
+            (void) ngx_http_token_meter_write(tmcf, &entry[i], 1);
+        }
+    }
 
     clock_gettime(CLOCK_MONOTONIC, &stop);
 
-    if (rc == NGX_DONE) {
-        return NGX_OK;
+    usec = (stop.tv_sec - start.tv_sec) * 1000000
+           + (stop.tv_nsec - start.tv_nsec) / 1000;
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                   "token meter wrote %ui entries in %M us", n, usec);
+
+    /* a request that goes on may add to the batch: it starts afresh */
+
+    w = 0;
+
+    for (i = 0; i < n; i++) {
+
+        if (entry[i].request == NULL) {
+            ngx_http_token_meter_settled(&entry[i], usec);
+            continue;
+        }
+
+        ctx = entry[i].ctx;
+
+        if (entry[i].rc == NGX_OK) {
+            ctx->allowance = entry[i].allowance;
+            ctx->reserved = entry[i].points;
+            ctx->balance = entry[i].available - entry[i].points;
+
+            ngx_log_debug3(NGX_LOG_DEBUG_HTTP,
+                           entry[i].request->connection->log, 0,
+                           "token meter reserved %L points for sub_%uL, "
+                           "%L left", ctx->reserved, ctx->subscriber,
+                           ctx->balance);
+
+        } else if (entry[i].rc == NGX_DECLINED) {
+            ctx->balance = entry[i].available;
+        }
+
+        wakeup[w].request = entry[i].request;
+        wakeup[w].resume = entry[i].resume;
+        wakeup[w].rc = entry[i].rc;
+        w++;
     }
 
+    batch->n = 0;
+
+    for (i = 0; i < w; i++) {
+        c = wakeup[i].request->connection;
+
+        wakeup[i].resume(wakeup[i].request, wakeup[i].rc);
+
+        ngx_http_run_posted_requests(c);
+    }
+}
+
+
+/*
+ * Writes entries in one transaction.  A failure of the store leaves them
+ * unwritten and is returned; each entry has its own answer in rc.
+ */
+
+static ngx_int_t
+ngx_http_token_meter_write(ngx_http_token_meter_main_conf_t *tmcf,
+    ngx_http_token_meter_entry_t *entry, ngx_uint_t n)
+{
+    ngx_int_t                    rc;
+    ngx_uint_t                   i, changed;
+    ngx_http_token_meter_txn_t  *txn;
+
+    for (i = 0; i < n; i++) {
+        entry[i].rc = NGX_ERROR;
+    }
+
+    rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 1, ngx_cycle->log);
     if (rc != NGX_OK) {
-
-        /* TODO: keep a settlement that cannot be written, and retry it */
-
-        ngx_log_error(NGX_LOG_CRIT, r->connection->log, 0,
-                      "token meter could not settle request for sub_%uL: "
-                      "its reservation of %L points stays until the sweep "
-                      "releases it, and %L points are not charged",
-                      ctx->subscriber, ctx->reserved, cost);
         return rc;
     }
 
-    ctx->balance = available - ctx->points;
+    changed = 0;
 
-    ngx_http_token_meter_count_settled(r, ctx,
-                       (stop.tv_sec - start.tv_sec) * 1000000
-                       + (stop.tv_nsec - start.tv_nsec) / 1000);
+    for (i = 0; i < n; i++) {
+        rc = ngx_http_token_meter_apply(txn, &entry[i]);
 
-    if (ctx->points < cost) {
-        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
-                      "token meter charged %L of %L points to sub_%uL: "
-                      "the balance ran out", ctx->points, cost,
-                      ctx->subscriber);
+        switch (rc) {
+
+        case NGX_OK:
+            changed = 1;
+            break;
+
+        case NGX_DECLINED:
+        case NGX_DONE:
+        case NGX_HTTP_FORBIDDEN:
+            break;
+
+        default:
+            ngx_http_token_meter_txn_abort(txn);
+
+            for (i = 0; i < n; i++) {
+                entry[i].rc = NGX_ERROR;
+            }
+
+            return rc;
+        }
+
+        entry[i].rc = rc;
     }
 
-    ngx_log_debug6(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                   "token meter settled sub_%uL: in %L cached %L out %L, "
-                   "%L points, %L left", ctx->subscriber, ctx->usage.input,
-                   ctx->usage.cached, ctx->usage.output, ctx->points,
-                   ctx->balance);
+    if (!changed) {
+        ngx_http_token_meter_txn_abort(txn);
+        return NGX_OK;
+    }
+
+    rc = ngx_http_token_meter_txn_commit(txn);
+
+    if (rc != NGX_OK) {
+        for (i = 0; i < n; i++) {
+            entry[i].rc = NGX_ERROR;
+        }
+    }
+
+    return rc;
+}
+
+
+static ngx_int_t
+ngx_http_token_meter_apply(ngx_http_token_meter_txn_t *txn,
+    ngx_http_token_meter_entry_t *entry)
+{
+    if (entry->request) {
+        return ngx_http_token_meter_reserve_txn(txn, entry);
+    }
+
+    return ngx_http_token_meter_settle_txn(txn, entry);
+}
+
+
+static ngx_int_t
+ngx_http_token_meter_reserve_txn(ngx_http_token_meter_txn_t *txn,
+    ngx_http_token_meter_entry_t *entry)
+{
+    int64_t                              input, need, afford;
+    time_t                               now;
+    ngx_int_t                            rc;
+    ngx_http_token_meter_ctx_t          *ctx;
+    ngx_http_token_meter_model_t        *model;
+    ngx_http_token_meter_balance_t       balance;
+    ngx_http_token_meter_subscriber_t    sub;
+    ngx_http_token_meter_reservation_t   res;
+
+    ctx = entry->ctx;
+    model = ctx->model;
+    now = ngx_time();
+
+    rc = ngx_http_token_meter_subscriber_get(txn, ctx->subscriber, &sub);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    if (sub.status != NGX_HTTP_TOKEN_METER_ACTIVE) {
+        return NGX_HTTP_FORBIDDEN;
+    }
+
+    rc = ngx_http_token_meter_balance(txn, &sub, now, &balance);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    entry->available = balance.available;
+    entry->allowance = ctx->allowance;
+
+    input = ctx->input_estimate * model->input;
+
+    /* each of "n" choices may take the whole allowance */
+
+    need = (input + ctx->allowance * ctx->choices * model->output
+            + NGX_HTTP_TOKEN_METER_PRICE_SCALE - 1)
+           / NGX_HTTP_TOKEN_METER_PRICE_SCALE;
+
+    if (need > balance.available) {
+
+        if (ctx->embeddings || !entry->tmcf->lower_max_tokens
+            || model->output == 0)
+        {
+            return NGX_DECLINED;
+        }
+
+        /* the most output the balance pays for, after the input */
+
+        afford = (balance.available * NGX_HTTP_TOKEN_METER_PRICE_SCALE
+                  - input) / (model->output * ctx->choices);
+
+        if (afford < 1) {
+            return NGX_DECLINED;
+        }
+
+        ngx_log_debug3(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                       "token meter lowers max tokens from %L to %L "
+                       "for sub_%uL", ctx->allowance, afford, sub.id);
+
+        entry->allowance = afford;
+
+        need = (input + afford * ctx->choices * model->output
+                + NGX_HTTP_TOKEN_METER_PRICE_SCALE - 1)
+               / NGX_HTTP_TOKEN_METER_PRICE_SCALE;
+    }
+
+    sub.reserved += need;
+
+    rc = ngx_http_token_meter_subscriber_put(txn, &sub);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    res.subscriber = sub.id;
+    res.points = need;
+    res.created = now;
+    res.deadline = now + entry->tmcf->reservation_timeout;
+    res.pid = ngx_pid;
+
+    rc = ngx_http_token_meter_put(txn, NGX_HTTP_TOKEN_METER_DB_RESERVATIONS,
+                                  ctx->request_id, 16, &res, sizeof(res), 1);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    entry->points = need;
 
     return NGX_OK;
 }
 
 
 static ngx_int_t
-ngx_http_token_meter_settle_txn(ngx_http_request_t *r,
-    ngx_http_token_meter_ctx_t *ctx, int64_t cost, int64_t *available)
+ngx_http_token_meter_settle_txn(ngx_http_token_meter_txn_t *txn,
+    ngx_http_token_meter_entry_t *entry)
 {
     int64_t                              charge;
     ngx_int_t                            rc;
     ngx_str_t                            v;
-    ngx_time_t                          *tp;
+    ngx_http_token_meter_record_t       *rec;
+    ngx_http_token_meter_balance_t       balance;
+    ngx_http_token_meter_subscriber_t    sub;
+    ngx_http_token_meter_reservation_t   res;
+
+    rec = &entry->record;
+
+    /* a request is settled once: its record is keyed by the request id */
+
+    rc = ngx_http_token_meter_get(txn, NGX_HTTP_TOKEN_METER_DB_USAGE,
+                                  rec->request_id, 16, &v);
+    if (rc == NGX_OK) {
+        return NGX_DONE;
+    }
+
+    if (rc != NGX_DECLINED) {
+        return rc;
+    }
+
+    rc = ngx_http_token_meter_release(txn, rec->request_id, &res);
+    if (rc != NGX_OK && rc != NGX_DECLINED) {
+        return rc;
+    }
+
+    rc = ngx_http_token_meter_subscriber_get(txn, rec->subscriber, &sub);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    rc = ngx_http_token_meter_balance(txn, &sub, ngx_time(), &balance);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    /* never below zero: the reservation covered all but a wrong estimate */
+
+    charge = ngx_min(rec->cost, balance.available);
+
+    rec->from_grants = 0;
+    rec->from_paid = 0;
+
+    if (charge > 0) {
+        rc = ngx_http_token_meter_debit(txn, &sub, charge, ngx_time(),
+                                        &rec->from_grants, &rec->from_paid);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
+        rc = ngx_http_token_meter_subscriber_put(txn, &sub);
+        if (rc != NGX_OK) {
+            return rc;
+        }
+    }
+
+    rec->points = rec->from_grants + rec->from_paid;
+    ngx_memcpy(rec->msisdn, sub.msisdn, NGX_HTTP_TOKEN_METER_MSISDN_LEN);
+
+    return ngx_http_token_meter_record_put(txn, rec);
+}
+
+
+static void
+ngx_http_token_meter_settled(ngx_http_token_meter_entry_t *entry,
+    ngx_msec_int_t usec)
+{
+    ngx_http_token_meter_record_t  *rec;
+
+    rec = &entry->record;
+
+    if (entry->rc == NGX_DONE) {
+        return;
+    }
+
+    if (entry->rc != NGX_OK) {
+
+        /* TODO: keep a settlement that cannot be written, and retry it */
+
+        ngx_log_error(NGX_LOG_CRIT, ngx_cycle->log, 0,
+                      "token meter could not settle request for sub_%uL: "
+                      "its reservation stays until the sweep releases it, "
+                      "and %L points are not charged", rec->subscriber,
+                      rec->cost);
+        return;
+    }
+
+    ngx_http_token_meter_count_settled(entry->tmcf, entry->model, rec, usec);
+
+    if (rec->points < rec->cost) {
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "token meter charged %L of %L points to sub_%uL: "
+                      "the balance ran out", rec->points, rec->cost,
+                      rec->subscriber);
+    }
+
+    if (entry->logged >= 0 && entry->logged != rec->points) {
+        ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
+                      "token meter charged %L points to sub_%uL, not the %L "
+                      "its request was logged with: the balance changed "
+                      "meanwhile", rec->points, rec->subscriber,
+                      entry->logged);
+    }
+
+    ngx_log_debug6(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                   "token meter settled sub_%uL: in %L cached %L out %L, "
+                   "%L points of %L", rec->subscriber, rec->input,
+                   rec->cached, rec->output, rec->points, rec->cost);
+}
+
+
+/*
+ * What the settlement will charge, read from the committed store for the
+ * request's variables and log line: the same steps as the settlement
+ * itself, without writing.
+ */
+
+static ngx_int_t
+ngx_http_token_meter_preview(ngx_http_request_t *r,
+    ngx_http_token_meter_ctx_t *ctx, int64_t cost,
+    ngx_http_token_meter_record_t *rec)
+{
+    int64_t                              charge, reserved;
+    ngx_int_t                            rc;
+    ngx_str_t                            v;
     ngx_http_token_meter_txn_t          *txn;
-    ngx_http_token_meter_record_t        rec;
     ngx_http_token_meter_balance_t       balance;
     ngx_http_token_meter_main_conf_t    *tmcf;
     ngx_http_token_meter_subscriber_t    sub;
     ngx_http_token_meter_reservation_t   res;
 
-    /*
-     * TODO: settle the requests that end in one turn of the event loop in
-     * one write transaction
-     */
-
     tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_meter_module);
 
-    rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 1,
+    rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 0,
                                         r->connection->log);
     if (rc != NGX_OK) {
         return rc;
     }
 
-    /* a request is settled once: its record is keyed by the request id */
+    reserved = 0;
 
-    rc = ngx_http_token_meter_get(txn, NGX_HTTP_TOKEN_METER_DB_USAGE,
+    rc = ngx_http_token_meter_get(txn, NGX_HTTP_TOKEN_METER_DB_RESERVATIONS,
                                   ctx->request_id, 16, &v);
-    if (rc == NGX_OK) {
-        ngx_http_token_meter_txn_abort(txn);
-        return NGX_DONE;
-    }
+    if (rc == NGX_OK && v.len == sizeof(res)) {
+        ngx_memcpy(&res, v.data, sizeof(res));
+        reserved = res.points;
 
-    if (rc != NGX_DECLINED) {
-        goto failed;
-    }
-
-    rc = ngx_http_token_meter_release(txn, ctx->request_id, &res);
-    if (rc != NGX_OK && rc != NGX_DECLINED) {
+    } else if (rc != NGX_DECLINED) {
         goto failed;
     }
 
@@ -319,59 +718,25 @@ ngx_http_token_meter_settle_txn(ngx_http_request_t *r,
         goto failed;
     }
 
+    sub.reserved = ngx_max(sub.reserved - reserved, 0);
+
     rc = ngx_http_token_meter_balance(txn, &sub, ngx_time(), &balance);
     if (rc != NGX_OK) {
         goto failed;
     }
 
-    /* never below zero: the reservation covered all but a wrong estimate */
+    ngx_http_token_meter_txn_abort(txn);
 
-    charge = ngx_min(cost, balance.available);
+    charge = ngx_max(ngx_min(cost, balance.available), 0);
 
-    ngx_memzero(&rec, sizeof(ngx_http_token_meter_record_t));
+    /* grants first, as the debit takes them */
 
-    if (charge > 0) {
-        rc = ngx_http_token_meter_debit(txn, &sub, charge, ngx_time(),
-                                        &rec.from_grants, &rec.from_paid);
-        if (rc != NGX_OK) {
-            goto failed;
-        }
+    ctx->from_grants = ngx_min(charge, balance.grants);
+    ctx->from_paid = charge - ctx->from_grants;
+    ctx->points = charge;
+    ctx->balance = balance.available - charge;
 
-        rc = ngx_http_token_meter_subscriber_put(txn, &sub);
-        if (rc != NGX_OK) {
-            goto failed;
-        }
-    }
-
-    ngx_memcpy(rec.request_id, ctx->request_id, 16);
-    rec.subscriber = sub.id;
-    tp = ngx_timeofday();
-    rec.time = (int64_t) tp->sec * 1000 + tp->msec;
-    rec.input = ctx->usage.input;
-    rec.cached = ctx->usage.cached;
-    rec.output = ctx->usage.output;
-    rec.cost = cost;
-    rec.points = rec.from_grants + rec.from_paid;
-    rec.status = (uint32_t) ctx->status;
-    rec.source = (uint32_t) ctx->source;
-    ngx_memcpy(rec.msisdn, sub.msisdn, NGX_HTTP_TOKEN_METER_MSISDN_LEN);
-    ngx_memcpy(rec.model, ctx->model->name.data,
-               ngx_min(ctx->model->name.len, sizeof(rec.model)));
-
-    rc = ngx_http_token_meter_record_put(txn, &rec);
-    if (rc != NGX_OK) {
-        goto failed;
-    }
-
-    rc = ngx_http_token_meter_txn_commit(txn);
-    if (rc != NGX_OK) {
-        return rc;
-    }
-
-    ctx->points = rec.points;
-    ctx->from_grants = rec.from_grants;
-    ctx->from_paid = rec.from_paid;
-    *available = balance.available;
+    ngx_memcpy(rec->msisdn, sub.msisdn, NGX_HTTP_TOKEN_METER_MSISDN_LEN);
 
     return NGX_OK;
 

@@ -9,6 +9,7 @@
 #include <ngx_http.h>
 
 #include "ngx_http_token_meter_module.h"
+#include "ngx_http_token_meter_account.h"
 #include "ngx_http_token_meter_json.h"
 
 
@@ -197,15 +198,13 @@ ngx_http_token_meter_count_rejected(ngx_http_request_t *r, const char *code)
 
 
 void
-ngx_http_token_meter_count_settled(ngx_http_request_t *r,
-    ngx_http_token_meter_ctx_t *ctx, ngx_msec_int_t usec)
+ngx_http_token_meter_count_settled(ngx_http_token_meter_main_conf_t *tmcf,
+    ngx_http_token_meter_model_t *model, ngx_http_token_meter_record_t *rec,
+    ngx_msec_int_t usec)
 {
     ngx_uint_t                          i, outcome;
     ngx_http_token_meter_stats_t       *stats;
     ngx_http_token_meter_model_stat_t  *ms;
-    ngx_http_token_meter_main_conf_t   *tmcf;
-
-    tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_meter_module);
 
     stats = (ngx_http_token_meter_stats_t *) tmcf->stats;
 
@@ -223,16 +222,16 @@ ngx_http_token_meter_count_settled(ngx_http_request_t *r,
     (void) ngx_atomic_fetch_add(&stats->latency_sum, usec);
     (void) ngx_atomic_fetch_add(&stats->latency_count, 1);
 
-    if (ctx->model->stat >= NGX_HTTP_TOKEN_METER_STAT_MODELS) {
+    if (model->stat >= NGX_HTTP_TOKEN_METER_STAT_MODELS) {
         return;
     }
 
-    ms = &stats->model[ctx->model->stat];
+    ms = &stats->model[model->stat];
 
-    if (ctx->usage_found) {
+    if (rec->source == NGX_HTTP_TOKEN_METER_SOURCE_UPSTREAM) {
         outcome = 0;
 
-    } else if (ctx->status >= 200 && ctx->status < 300) {
+    } else if (rec->status >= 200 && rec->status < 300) {
         outcome = 1;
 
     } else {
@@ -240,10 +239,10 @@ ngx_http_token_meter_count_settled(ngx_http_request_t *r,
     }
 
     (void) ngx_atomic_fetch_add(&ms->requests[outcome], 1);
-    (void) ngx_atomic_fetch_add(&ms->tokens[0], ctx->usage.input);
-    (void) ngx_atomic_fetch_add(&ms->tokens[1], ctx->usage.cached);
-    (void) ngx_atomic_fetch_add(&ms->tokens[2], ctx->usage.output);
-    (void) ngx_atomic_fetch_add(&ms->points, ctx->points);
+    (void) ngx_atomic_fetch_add(&ms->tokens[0], rec->input);
+    (void) ngx_atomic_fetch_add(&ms->tokens[1], rec->cached);
+    (void) ngx_atomic_fetch_add(&ms->tokens[2], rec->output);
+    (void) ngx_atomic_fetch_add(&ms->points, rec->points);
 }
 
 
@@ -260,6 +259,8 @@ ngx_http_token_meter_metrics_handler(ngx_http_request_t *r)
     ngx_http_token_meter_store_stat_t   st;
     ngx_http_token_meter_model_stat_t  *ms;
     ngx_http_token_meter_main_conf_t   *tmcf;
+
+    ngx_http_token_meter_flush();
 
     rc = ngx_http_discard_request_body(r);
     if (rc != NGX_OK) {

@@ -12,7 +12,6 @@
 #include "ngx_http_token_meter_module.h"
 
 
-#define NGX_HTTP_TOKEN_METER_SYNC_OFF     ((ngx_msec_t) -1)
 #define NGX_HTTP_TOKEN_METER_TIMER        1000
 #define NGX_HTTP_TOKEN_METER_READER_CHECK 60000
 #define NGX_HTTP_TOKEN_METER_SWEEP        2000
@@ -881,6 +880,8 @@ ngx_http_token_meter_exit_process(ngx_cycle_t *cycle)
     if (tmcf == NULL || tmcf->store == NULL) {
         return;
     }
+
+    ngx_http_token_meter_flush();
 
     ngx_http_token_meter_store_close(tmcf->store);
 }

@@ -144,8 +144,6 @@ ngx_int_t ngx_http_token_meter_metrics_zone(ngx_conf_t *cf,
     ngx_http_token_meter_main_conf_t *tmcf);
 void ngx_http_token_meter_count_rejected(ngx_http_request_t *r,
     const char *code);
-void ngx_http_token_meter_count_settled(ngx_http_request_t *r,
-    ngx_http_token_meter_ctx_t *ctx, ngx_msec_int_t usec);
 void ngx_http_token_meter_prune(ngx_http_token_meter_main_conf_t *tmcf,
     ngx_log_t *log);
 ngx_int_t ngx_http_token_meter_api_key(ngx_http_request_t *r,
@@ -166,6 +164,9 @@ ngx_int_t ngx_http_token_meter_reserve(ngx_http_request_t *r,
     ngx_http_token_meter_ctx_t *ctx, ngx_http_token_meter_resume_pt resume);
 ngx_int_t ngx_http_token_meter_settle(ngx_http_request_t *r,
     ngx_http_token_meter_ctx_t *ctx);
+ngx_uint_t ngx_http_token_meter_pending(ngx_http_token_meter_main_conf_t *tmcf,
+    uint64_t subscriber);
+void ngx_http_token_meter_flush(void);
 void ngx_http_token_meter_sweep(ngx_http_token_meter_main_conf_t *tmcf,
     ngx_log_t *log);
 int64_t ngx_http_token_meter_cost(ngx_http_token_meter_model_t *model,

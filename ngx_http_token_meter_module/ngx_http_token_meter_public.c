@@ -66,6 +66,8 @@ ngx_http_token_meter_balance_handler(ngx_http_request_t *r)
 
     now = ngx_time();
 
+    ngx_http_token_meter_flush();
+
     rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 0,
                                         r->connection->log);
     if (rc != NGX_OK) {

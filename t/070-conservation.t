@@ -42,9 +42,12 @@ __DATA__
 
     token_meter_model kimi-k2.5 upstream=mock
                       input=1 cached=0.25 output=4 max_output=1000;
+
+    log_format points '$token_meter_request_id $token_meter_points';
 --- config
     location /v1/ {
         token_meter on;
+        access_log logs/points.log points;
         add_header X-Request-Id $token_meter_request_id always;
         add_header X-Upstream $upstream_status always;
         add_header X-Worker $pid always;
@@ -65,7 +68,9 @@ $main::Run = load_run(jobs => load_jobs(seed => 2026, count => 3000,
                       clients => 64, deadline => 60);
 is($main::Run->{killed}, 0, 'all clients finished within 60 s');
 is(scalar @{ $main::Run->{results} }, 3000, "all 3000 jobs were sent");
-$main::Fig = load_verify(subs => $main::Subs, run => $main::Run);
+$main::Fig = load_verify(subs => $main::Subs, run => $main::Run,
+                         access_log => server_root() . '/logs/points.log',
+                         error_log => server_root() . '/logs/error.log');
 diag(load_summary($main::Fig));
 ok($main::Fig->{$_}, "the load had $_")
     for 'hung up', 'kind cut', 'kind cut_plain', 'kind error500',

@@ -594,6 +594,10 @@ sub expected_usage {
 #   lost_ok         code: true for a result that may lack its record (a
 #                   request that was running in a worker killed on purpose)
 #   name            prefix of the assertion names
+#   access_log      a log of "$token_meter_request_id $token_meter_points"
+#                   lines, checked against the records
+#   error_log       nginx's error log, for the notices that explain a
+#                   difference there
 #
 # Returns a hash of figures for load_summary().
 
@@ -750,6 +754,50 @@ sub load_verify {
     $fig{records} = $records;
     $fig{charged} = $charged;
 
+    # The log line of a request is written before its settlement is:
+    # its points must be those of the record, unless nginx said otherwise
+    # ("not the N its request was logged with") because the balance moved.
+
+    my @unlike;
+
+    if ($o{access_log}) {
+        my %rec = map { %{ $_->{records} } } values %sub;
+        my $said = '';
+
+        if (open my $fh, '<', $o{error_log}) {
+            local $/;
+            $said = <$fh>;
+        }
+
+        open my $fh, '<', $o{access_log} or die "$o{access_log}: $!";
+
+        while (my $line = <$fh>) {
+            my ($rid, $points) = split ' ', $line;
+
+            next unless defined $points && $points =~ /^\d+$/;
+
+            my $r = $rec{$rid};
+
+            if (!$r) {
+                push @unlike, "$rid: logged $points points, has no record";
+                next;
+            }
+
+            $fig{logged}++;
+
+            next if $points == $r->{points}
+                    || index($said, "charged $r->{points} points to"
+                                    . " $r->{subscriber}, not the $points")
+                       >= 0;
+
+            push @unlike, "$rid: logged $points points, recorded"
+                          . " $r->{points}";
+        }
+
+        report("${name}the access log has the points of each record",
+               \@unlike);
+    }
+
     report("${name}every admitted request has its usage record",
            \@missing);
     report("${name}no usage record without an admitted request", \@orphan);
@@ -834,7 +882,7 @@ sub load_summary {
     my ($fig) = @_;
 
     my @names = ('jobs', 'sent', 'admitted', 'refused', 'records',
-                 'charged', 'hung up', 'incomplete', 'purchases',
+                 'charged', 'logged', 'hung up', 'incomplete', 'purchases',
                  'purchase sends', 'lost with the killed worker',
                  'slowest',
                  sort grep { /^(?:kind|status) / } keys %$fig);
