@@ -278,6 +278,8 @@ def main():
                     help="length of the memory run (scale)")
     ap.add_argument("--requests", type=int, default=2000,
                     help="requests measured under callgrind")
+    ap.add_argument("--cg-connections", type=int, default=1,
+                    help="connections sending them at once (callgrind)")
     ap.add_argument("--wait-quiet", action="store_true",
                     help="wait for the 1-minute load average to fall "
                          "below --quiet-load first")

@@ -3,8 +3,9 @@
 "make bench-callgrind" (bench/bench.py callgrind) runs a single-process
 nginx (master_process off, daemon off) under valgrind --tool=callgrind,
 once with the module and once as the plain proxy, both in front of the
-mock provider, and sends it requests one after another on one keep-alive
-connection: some to warm up, then counters are zeroed
+mock provider, and sends it requests on --cg-connections keep-alive connections at once
+(each connection one request after another; one connection by default):
+some to warm up, then counters are zeroed
 (callgrind_control -z), then --requests measured ones, then a dump
 (callgrind_control -d).  The dump is read here.
 
@@ -28,6 +29,7 @@ import random
 import re
 import shutil
 import subprocess
+import threading
 import time
 
 from benchlib import (BenchError, Nginx, PORTS, WORK, api_key, copy_module,
@@ -198,7 +200,31 @@ def display(fn):
     return name
 
 
-def send(port, n, stream, keys=1000, seed=7):
+def send(port, n, stream, connections=1):
+    """n requests spread over connections sent at once."""
+    if connections <= 1:
+        send_one(port, n, stream)
+        return
+    errors = []
+
+    def client(k):
+        try:
+            send_one(port, n // connections + (k < n % connections), stream,
+                     seed=7 + k)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,))
+               for k in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def send_one(port, n, stream, keys=1000, seed=7):
     """n requests, one after another, on one keep-alive connection."""
     rnd = random.Random(seed)
     body = json.dumps({"model": "bench", "stream": stream, "messages": [
@@ -219,7 +245,7 @@ def send(port, n, stream, keys=1000, seed=7):
         c.close()
 
 
-def callgrind_run(inst, label, warmup, n, stream):
+def callgrind_run(inst, label, warmup, n, stream, connections):
     out = os.path.join(WORK, "callgrind")
     os.makedirs(out, exist_ok=True)
     base = os.path.join(out, "callgrind.%s" % label)
@@ -236,13 +262,13 @@ def callgrind_run(inst, label, warmup, n, stream):
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_port(inst.port, 120)
-        send(inst.port, warmup, stream)
+        send(inst.port, warmup, stream, connections)
         ctl = subprocess.run(["callgrind_control", "-z", str(vg.pid)],
                              capture_output=True, text=True, timeout=120)
         if ctl.returncode != 0:
             raise BenchError("callgrind_control -z: %s" % ctl.stdout)
         t = time.time()
-        send(inst.port, n, stream)
+        send(inst.port, n, stream, connections)
         elapsed = time.time() - t
         ctl = subprocess.run(["callgrind_control", "-d", str(vg.pid)],
                              capture_output=True, text=True, timeout=300)
@@ -271,7 +297,8 @@ def suite_callgrind(args):
     shutil.rmtree(store, ignore_errors=True)
 
     res = {"suite": "callgrind", "env": versions(), "runs": {},
-           "settings": {"requests": args.requests}}
+           "settings": {"requests": args.requests,
+                        "connections": args.cg_connections}}
     res["quiet"] = (wait_quiet(args.quiet_load, args.quiet_minutes)
                     if args.wait_quiet else None)
     res["start_load"] = loadavg()
@@ -295,7 +322,8 @@ def suite_callgrind(args):
         for inst in (plain, metered):
             label = "%s-%s" % (inst.name.split("-")[1], kind)
             say("callgrind: %s, %d requests" % (label, n))
-            path, elapsed = callgrind_run(inst, label, 100, n, stream)
+            path, elapsed = callgrind_run(inst, label, 100, n, stream,
+                                          args.cg_connections)
             self_cost, arcs, counts, total = parse(path)
             r = {"total_per_request": total / n, "dump": path,
                  "seconds": round(elapsed, 1)}
@@ -351,8 +379,11 @@ def report_callgrind(res):
                      "%.0f" % m["module_per_request"],
                      "%.0f" % m["groups"]["rest"],
                      "%.0f" % m["groups"]["filters"]])
+    c = res["settings"].get("connections", 1)
     out.append("Instructions (Ir) per request, %d requests measured after "
-               "100 to warm up, single process under callgrind:" % n)
+               "100 to warm up, single process under callgrind, %s:"
+               % (n, "one request at a time" if c == 1
+                  else "%d connections sending at once" % c))
     out.append("")
     out.append(table(rows, ["request", "plain nginx, whole process",
                             "metered nginx, whole process", "difference",
