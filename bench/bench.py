@@ -180,7 +180,7 @@ def sync_modes(args, metered, ports, c):
             run["settle_txn_us"] = s * 1e6 / n if n else None
             run["load"] = loadavg()
             res[m].append(run)
-            say("  round %d sync=%-6s %8.0f settled/s  settle txn %6.1f us"
+            say("  round %d sync=%-6s %8.0f settled/s  write txn %6.1f us"
                 "  %s" % (r + 1, m, run["settled_per_s"],
                           run["settle_txn_us"] or 0, fmt_run(run)))
     load.append(loadavg())
@@ -247,7 +247,8 @@ def report_main(res):
                "%.2f-%.2f):" % (res["settings"]["connections"],
                                 *sy["load"]))
     out.append("")
-    out.append(table(rows, ["mode", "settled/s", "settle txn us (mean)",
+    out.append(table(rows, ["mode", "settled/s",
+                            "write txn us (mean per settlement)",
                             "p99 ms", "worker CPU us/request"]))
     return "\n".join(out)
 

@@ -48,15 +48,9 @@ typedef struct {
 
 
 typedef struct {
-    ngx_http_request_t                  *request;
-    ngx_http_token_meter_resume_pt       resume;
-    ngx_int_t                            rc;
-} ngx_http_token_meter_wakeup_t;
-
-
-typedef struct {
     ngx_uint_t                           n;
     ngx_event_t                          event;
+    ngx_queue_t                          admitted;
     ngx_http_token_meter_entry_t         entry[NGX_HTTP_TOKEN_METER_BATCH];
 } ngx_http_token_meter_batch_t;
 
@@ -266,6 +260,7 @@ ngx_http_token_meter_enqueue(ngx_http_token_meter_main_conf_t *tmcf,
     if (batch->event.handler == NULL) {
         batch->event.handler = ngx_http_token_meter_flush_handler;
         batch->event.log = ngx_cycle->log;
+        ngx_queue_init(&batch->admitted);
     }
 
     if (!batch->event.posted) {
@@ -276,37 +271,59 @@ ngx_http_token_meter_enqueue(ngx_http_token_meter_main_conf_t *tmcf,
 }
 
 
+/*
+ * The end of the event loop turn: the batch is written, and the requests
+ * whose reservations it held go on.  They go on only from here, never
+ * from inside another request's handler that wrote the batch early.
+ */
+
 static void
 ngx_http_token_meter_flush_handler(ngx_event_t *ev)
 {
+    ngx_queue_t                   *q;
+    ngx_connection_t              *c;
+    ngx_http_request_t            *r;
+    ngx_http_token_meter_ctx_t    *ctx;
+    ngx_http_token_meter_batch_t  *batch;
+
+    batch = &ngx_http_token_meter_batch;
+
     ngx_http_token_meter_flush();
+
+    /* a request that goes on may fill a new batch, written next turn */
+
+    while (!ngx_queue_empty(&batch->admitted)) {
+        q = ngx_queue_head(&batch->admitted);
+        ngx_queue_remove(q);
+
+        ctx = ngx_queue_data(q, ngx_http_token_meter_ctx_t, queue);
+        r = ctx->request;
+        c = r->connection;
+
+        ctx->resume(r, ctx->reserve_rc);
+
+        ngx_http_run_posted_requests(c);
+    }
 }
 
 
 /*
- * Writes what the batch holds, then lets the requests that waited for
- * their reservation go on.  Called at the end of the event loop turn,
- * and before anything that must see every settlement made so far.
+ * Writes what the batch holds.  Called at the end of the event loop
+ * turn, and before anything that must see every settlement made so far.
  */
 
 void
 ngx_http_token_meter_flush(void)
 {
-    ngx_uint_t                         i, n, w;
-    ngx_connection_t                  *c;
+    ngx_uint_t                         i, n;
     struct timespec                    start, stop;
     ngx_msec_int_t                     usec;
     ngx_http_token_meter_ctx_t        *ctx;
     ngx_http_token_meter_batch_t      *batch;
     ngx_http_token_meter_entry_t      *entry;
-    ngx_http_token_meter_wakeup_t      wakeup[NGX_HTTP_TOKEN_METER_BATCH];
     ngx_http_token_meter_main_conf_t  *tmcf;
 
     batch = &ngx_http_token_meter_batch;
-
-    if (batch->event.posted) {
-        ngx_delete_posted_event(&batch->event);
-    }
 
     n = batch->n;
 
@@ -336,9 +353,7 @@ ngx_http_token_meter_flush(void)
     ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
                    "token meter wrote %ui entries in %M us", n, usec);
 
-    /* a request that goes on may add to the batch: it starts afresh */
-
-    w = 0;
+    batch->n = 0;
 
     for (i = 0; i < n; i++) {
 
@@ -364,20 +379,15 @@ ngx_http_token_meter_flush(void)
             ctx->balance = entry[i].available;
         }
 
-        wakeup[w].request = entry[i].request;
-        wakeup[w].resume = entry[i].resume;
-        wakeup[w].rc = entry[i].rc;
-        w++;
+        ctx->request = entry[i].request;
+        ctx->resume = entry[i].resume;
+        ctx->reserve_rc = entry[i].rc;
+
+        ngx_queue_insert_tail(&batch->admitted, &ctx->queue);
     }
 
-    batch->n = 0;
-
-    for (i = 0; i < w; i++) {
-        c = wakeup[i].request->connection;
-
-        wakeup[i].resume(wakeup[i].request, wakeup[i].rc);
-
-        ngx_http_run_posted_requests(c);
+    if (!ngx_queue_empty(&batch->admitted) && !batch->event.posted) {
+        ngx_post_event(&batch->event, &ngx_posted_events);
     }
 }
 

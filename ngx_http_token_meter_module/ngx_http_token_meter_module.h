@@ -88,6 +88,13 @@ typedef void (*ngx_http_token_meter_resume_pt)(ngx_http_request_t *r,
 
 struct ngx_http_token_meter_ctx_s {
     ngx_int_t                      phase_rc;
+
+    /* a request waiting for the batch that holds its reservation */
+    ngx_queue_t                    queue;
+    ngx_http_request_t            *request;
+    ngx_http_token_meter_resume_pt resume;
+    ngx_int_t                      reserve_rc;
+
     ngx_http_token_meter_model_t  *model;
 
     uint64_t                       subscriber;
