@@ -224,7 +224,8 @@ def report_main(res):
     st = figs["stream_timing"]
     s = st["summary"]
     lo = "%.2f-%.2f" % tuple(st["load"])
-    rows.append(["stream: time to first event, ms", f(s["plain_ttfb_ms"], "%.3f"),
+    rows.append(["stream: time to first event, ms",
+                 f(s["plain_ttfb_ms"], "%.3f"),
                  f(s["metered_ttfb_ms"], "%.3f"),
                  "%s ms" % f(s["added_ttfb_ms"], "%+.3f"), "", "< 1 ms added",
                  verdict(s["added_ttfb_ms"], 1.0, False), lo])

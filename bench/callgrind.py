@@ -3,8 +3,9 @@
 "make bench-callgrind" (bench/bench.py callgrind) runs a single-process
 nginx (master_process off, daemon off) under valgrind --tool=callgrind,
 once with the module and once as the plain proxy, both in front of the
-mock provider, and sends it requests on --cg-connections keep-alive connections at once
-(each connection one request after another; one connection by default):
+mock provider, and sends it requests on --cg-connections keep-alive
+connections at once (each connection one request after another; one
+connection by default):
 some to warm up, then counters are zeroed
 (callgrind_control -z), then --requests measured ones, then a dump
 (callgrind_control -d).  The dump is read here.

@@ -29,7 +29,9 @@ __DATA__
 --- request
 GET /task/
 --- response_body_like eval
-qr{^(?:(?!href="\d).)*href="\d+/"(?:(?!href="\d).)*href="\d+/"(?:(?!href="\d).)*$}s
+qr{^(?:(?!href="\d).)*href="\d+/"
+    (?:(?!href="\d).)*href="\d+/"
+    (?:(?!href="\d).)*$}sx
 --- no_error_log
 [error]
 [alert]
