@@ -55,6 +55,8 @@ typedef struct {
 } ngx_http_token_meter_batch_t;
 
 
+static ngx_uint_t ngx_http_token_meter_pending(
+    ngx_http_token_meter_main_conf_t *tmcf, uint64_t subscriber);
 static ngx_http_token_meter_entry_t *ngx_http_token_meter_enqueue(
     ngx_http_token_meter_main_conf_t *tmcf, uint64_t subscriber);
 static void ngx_http_token_meter_flush_handler(ngx_event_t *ev);
@@ -214,7 +216,7 @@ ngx_http_token_meter_settle(ngx_http_request_t *r,
  * the store yet
  */
 
-ngx_uint_t
+static ngx_uint_t
 ngx_http_token_meter_pending(ngx_http_token_meter_main_conf_t *tmcf,
     uint64_t subscriber)
 {

@@ -171,8 +171,6 @@ ngx_int_t ngx_http_token_meter_reserve(ngx_http_request_t *r,
     ngx_http_token_meter_ctx_t *ctx, ngx_http_token_meter_resume_pt resume);
 ngx_int_t ngx_http_token_meter_settle(ngx_http_request_t *r,
     ngx_http_token_meter_ctx_t *ctx);
-ngx_uint_t ngx_http_token_meter_pending(ngx_http_token_meter_main_conf_t *tmcf,
-    uint64_t subscriber);
 void ngx_http_token_meter_flush(void);
 void ngx_http_token_meter_sweep(ngx_http_token_meter_main_conf_t *tmcf,
     ngx_log_t *log);
