@@ -30,10 +30,8 @@ typedef struct {
     ngx_http_token_meter_main_conf_t    *tmcf;
     uint64_t                             subscriber;
 
-    /* a reservation */
-    ngx_http_request_t                  *request;
+    /* a reservation: its request is ctx->request */
     ngx_http_token_meter_ctx_t          *ctx;
-    ngx_http_token_meter_resume_pt       resume;
     int64_t                              allowance;
     int64_t                              points;
     int64_t                              available;
@@ -55,8 +53,7 @@ typedef struct {
 } ngx_http_token_meter_batch_t;
 
 
-static ngx_uint_t ngx_http_token_meter_pending(
-    ngx_http_token_meter_main_conf_t *tmcf, uint64_t subscriber);
+static ngx_uint_t ngx_http_token_meter_pending(uint64_t subscriber);
 static ngx_http_token_meter_entry_t *ngx_http_token_meter_enqueue(
     ngx_http_token_meter_main_conf_t *tmcf, uint64_t subscriber);
 static void ngx_http_token_meter_flush_handler(ngx_event_t *ev);
@@ -76,6 +73,13 @@ static ngx_int_t ngx_http_token_meter_preview(ngx_http_request_t *r,
     ngx_http_token_meter_record_t *rec);
 static ngx_int_t ngx_http_token_meter_record_put(
     ngx_http_token_meter_txn_t *txn, ngx_http_token_meter_record_t *rec);
+static ngx_int_t ngx_http_token_meter_charge(ngx_http_token_meter_txn_t *txn,
+    u_char *request_id, uint64_t subscriber, int64_t cost,
+    ngx_uint_t release, ngx_http_token_meter_subscriber_t *sub,
+    ngx_http_token_meter_balance_t *balance, int64_t *charge);
+static ngx_int_t ngx_http_token_meter_reservation(
+    ngx_http_token_meter_txn_t *txn, u_char *request_id, ngx_uint_t del,
+    ngx_http_token_meter_reservation_t *res);
 static ngx_int_t ngx_http_token_meter_release(
     ngx_http_token_meter_txn_t *txn, u_char *request_id,
     ngx_http_token_meter_reservation_t *res);
@@ -121,11 +125,11 @@ ngx_http_token_meter_reserve(ngx_http_request_t *r,
         return NGX_HTTP_TOKEN_METER_FULL;
     }
 
-    entry = ngx_http_token_meter_enqueue(tmcf, ctx->subscriber);
+    ctx->request = r;
+    ctx->resume = resume;
 
-    entry->request = r;
+    entry = ngx_http_token_meter_enqueue(tmcf, ctx->subscriber);
     entry->ctx = ctx;
-    entry->resume = resume;
 
     return NGX_AGAIN;
 }
@@ -178,7 +182,7 @@ ngx_http_token_meter_settle(ngx_http_request_t *r,
      * same subscriber still waiting in the batch would change them
      */
 
-    if (ngx_http_token_meter_pending(tmcf, ctx->subscriber)) {
+    if (ngx_http_token_meter_pending(ctx->subscriber)) {
         ngx_http_token_meter_flush();
     }
 
@@ -217,8 +221,7 @@ ngx_http_token_meter_settle(ngx_http_request_t *r,
  */
 
 static ngx_uint_t
-ngx_http_token_meter_pending(ngx_http_token_meter_main_conf_t *tmcf,
-    uint64_t subscriber)
+ngx_http_token_meter_pending(uint64_t subscriber)
 {
     ngx_uint_t                     i;
     ngx_http_token_meter_batch_t  *batch;
@@ -226,9 +229,7 @@ ngx_http_token_meter_pending(ngx_http_token_meter_main_conf_t *tmcf,
     batch = &ngx_http_token_meter_batch;
 
     for (i = 0; i < batch->n; i++) {
-        if (batch->entry[i].subscriber == subscriber
-            || batch->entry[i].tmcf != tmcf)
-        {
+        if (batch->entry[i].subscriber == subscriber) {
             return 1;
         }
     }
@@ -359,7 +360,7 @@ ngx_http_token_meter_flush(void)
 
     for (i = 0; i < n; i++) {
 
-        if (entry[i].request == NULL) {
+        if (entry[i].ctx == NULL) {
             ngx_http_token_meter_settled(&entry[i], usec);
             continue;
         }
@@ -372,7 +373,7 @@ ngx_http_token_meter_flush(void)
             ctx->balance = entry[i].available - entry[i].points;
 
             ngx_log_debug3(NGX_LOG_DEBUG_HTTP,
-                           entry[i].request->connection->log, 0,
+                           ctx->request->connection->log, 0,
                            "token meter reserved %L points for sub_%uL, "
                            "%L left", ctx->reserved, ctx->subscriber,
                            ctx->balance);
@@ -381,8 +382,6 @@ ngx_http_token_meter_flush(void)
             ctx->balance = entry[i].available;
         }
 
-        ctx->request = entry[i].request;
-        ctx->resume = entry[i].resume;
         ctx->reserve_rc = entry[i].rc;
 
         ngx_queue_insert_tail(&batch->admitted, &ctx->queue);
@@ -407,13 +406,9 @@ ngx_http_token_meter_write(ngx_http_token_meter_main_conf_t *tmcf,
     ngx_uint_t                   i, changed;
     ngx_http_token_meter_txn_t  *txn;
 
-    for (i = 0; i < n; i++) {
-        entry[i].rc = NGX_ERROR;
-    }
-
     rc = ngx_http_token_meter_txn_begin(tmcf->store, &txn, 1, ngx_cycle->log);
     if (rc != NGX_OK) {
-        return rc;
+        goto failed;
     }
 
     changed = 0;
@@ -434,12 +429,7 @@ ngx_http_token_meter_write(ngx_http_token_meter_main_conf_t *tmcf,
 
         default:
             ngx_http_token_meter_txn_abort(txn);
-
-            for (i = 0; i < n; i++) {
-                entry[i].rc = NGX_ERROR;
-            }
-
-            return rc;
+            goto failed;
         }
 
         entry[i].rc = rc;
@@ -451,11 +441,14 @@ ngx_http_token_meter_write(ngx_http_token_meter_main_conf_t *tmcf,
     }
 
     rc = ngx_http_token_meter_txn_commit(txn);
+    if (rc == NGX_OK) {
+        return NGX_OK;
+    }
 
-    if (rc != NGX_OK) {
-        for (i = 0; i < n; i++) {
-            entry[i].rc = NGX_ERROR;
-        }
+failed:
+
+    for (i = 0; i < n; i++) {
+        entry[i].rc = NGX_ERROR;
     }
 
     return rc;
@@ -466,7 +459,7 @@ static ngx_int_t
 ngx_http_token_meter_apply(ngx_http_token_meter_txn_t *txn,
     ngx_http_token_meter_entry_t *entry)
 {
-    if (entry->request) {
+    if (entry->ctx) {
         return ngx_http_token_meter_reserve_txn(txn, entry);
     }
 
@@ -579,7 +572,6 @@ ngx_http_token_meter_settle_txn(ngx_http_token_meter_txn_t *txn,
     ngx_http_token_meter_record_t       *rec;
     ngx_http_token_meter_balance_t       balance;
     ngx_http_token_meter_subscriber_t    sub;
-    ngx_http_token_meter_reservation_t   res;
 
     rec = &entry->record;
 
@@ -595,24 +587,11 @@ ngx_http_token_meter_settle_txn(ngx_http_token_meter_txn_t *txn,
         return rc;
     }
 
-    rc = ngx_http_token_meter_release(txn, rec->request_id, &res);
-    if (rc != NGX_OK && rc != NGX_DECLINED) {
-        return rc;
-    }
-
-    rc = ngx_http_token_meter_subscriber_get(txn, rec->subscriber, &sub);
+    rc = ngx_http_token_meter_charge(txn, rec->request_id, rec->subscriber,
+                                     rec->cost, 1, &sub, &balance, &charge);
     if (rc != NGX_OK) {
         return rc;
     }
-
-    rc = ngx_http_token_meter_balance(txn, &sub, ngx_time(), &balance);
-    if (rc != NGX_OK) {
-        return rc;
-    }
-
-    /* never below zero: the reservation covered all but a wrong estimate */
-
-    charge = ngx_min(rec->cost, balance.available);
 
     rec->from_grants = 0;
     rec->from_paid = 0;
@@ -623,11 +602,11 @@ ngx_http_token_meter_settle_txn(ngx_http_token_meter_txn_t *txn,
         if (rc != NGX_OK) {
             return rc;
         }
+    }
 
-        rc = ngx_http_token_meter_subscriber_put(txn, &sub);
-        if (rc != NGX_OK) {
-            return rc;
-        }
+    rc = ngx_http_token_meter_subscriber_put(txn, &sub);
+    if (rc != NGX_OK) {
+        return rc;
     }
 
     rec->points = rec->from_grants + rec->from_paid;
@@ -696,14 +675,12 @@ ngx_http_token_meter_preview(ngx_http_request_t *r,
     ngx_http_token_meter_ctx_t *ctx, int64_t cost,
     ngx_http_token_meter_record_t *rec)
 {
-    int64_t                              charge, reserved;
+    int64_t                              charge;
     ngx_int_t                            rc;
-    ngx_str_t                            v;
     ngx_http_token_meter_txn_t          *txn;
     ngx_http_token_meter_balance_t       balance;
     ngx_http_token_meter_main_conf_t    *tmcf;
     ngx_http_token_meter_subscriber_t    sub;
-    ngx_http_token_meter_reservation_t   res;
 
     tmcf = ngx_http_get_module_main_conf(r, ngx_http_token_meter_module);
 
@@ -713,33 +690,14 @@ ngx_http_token_meter_preview(ngx_http_request_t *r,
         return rc;
     }
 
-    reserved = 0;
-
-    rc = ngx_http_token_meter_get(txn, NGX_HTTP_TOKEN_METER_DB_RESERVATIONS,
-                                  ctx->request_id, 16, &v);
-    if (rc == NGX_OK && v.len == sizeof(res)) {
-        ngx_memcpy(&res, v.data, sizeof(res));
-        reserved = res.points;
-
-    } else if (rc != NGX_DECLINED) {
-        goto failed;
-    }
-
-    rc = ngx_http_token_meter_subscriber_get(txn, ctx->subscriber, &sub);
-    if (rc != NGX_OK) {
-        goto failed;
-    }
-
-    sub.reserved = ngx_max(sub.reserved - reserved, 0);
-
-    rc = ngx_http_token_meter_balance(txn, &sub, ngx_time(), &balance);
-    if (rc != NGX_OK) {
-        goto failed;
-    }
+    rc = ngx_http_token_meter_charge(txn, ctx->request_id, ctx->subscriber,
+                                     cost, 0, &sub, &balance, &charge);
 
     ngx_http_token_meter_txn_abort(txn);
 
-    charge = ngx_max(ngx_min(cost, balance.available), 0);
+    if (rc != NGX_OK) {
+        return rc;
+    }
 
     /* grants first, as the debit takes them */
 
@@ -751,12 +709,6 @@ ngx_http_token_meter_preview(ngx_http_request_t *r,
     ngx_memcpy(rec->msisdn, sub.msisdn, NGX_HTTP_TOKEN_METER_MSISDN_LEN);
 
     return NGX_OK;
-
-failed:
-
-    ngx_http_token_meter_txn_abort(txn);
-
-    return rc;
 }
 
 
@@ -796,17 +748,63 @@ ngx_http_token_meter_record_put(ngx_http_token_meter_txn_t *txn,
 
 
 /*
- * Deletes a reservation and gives its points back to the subscriber.
- * NGX_DECLINED: there is none (the sweep released it already).
+ * The subscriber as it stands once the request's reservation is given
+ * back, its balance then, and what "cost" comes to against it: never
+ * below zero, since the reservation covered all but a wrong estimate.
+ * With "release" the reservation is deleted as well; the caller stores
+ * the subscriber.  The settlement and the log phase's preview of it both
+ * take these steps, so that they come to the same charge.
  */
 
 static ngx_int_t
-ngx_http_token_meter_release(ngx_http_token_meter_txn_t *txn,
-    u_char *request_id, ngx_http_token_meter_reservation_t *res)
+ngx_http_token_meter_charge(ngx_http_token_meter_txn_t *txn,
+    u_char *request_id, uint64_t subscriber, int64_t cost,
+    ngx_uint_t release, ngx_http_token_meter_subscriber_t *sub,
+    ngx_http_token_meter_balance_t *balance, int64_t *charge)
 {
     ngx_int_t                           rc;
-    ngx_str_t                           v;
-    ngx_http_token_meter_subscriber_t   sub;
+    ngx_http_token_meter_reservation_t  res;
+
+    rc = ngx_http_token_meter_reservation(txn, request_id, release, &res);
+
+    if (rc == NGX_DECLINED) {
+        /* the sweep released it already */
+        res.points = 0;
+
+    } else if (rc != NGX_OK) {
+        return rc;
+    }
+
+    rc = ngx_http_token_meter_subscriber_get(txn, subscriber, sub);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    sub->reserved = ngx_max(sub->reserved - res.points, 0);
+
+    rc = ngx_http_token_meter_balance(txn, sub, ngx_time(), balance);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    *charge = ngx_max(ngx_min(cost, balance->available), 0);
+
+    return NGX_OK;
+}
+
+
+/*
+ * Reads a request's reservation, and with "del" deletes it.
+ * NGX_DECLINED: there is none.
+ */
+
+static ngx_int_t
+ngx_http_token_meter_reservation(ngx_http_token_meter_txn_t *txn,
+    u_char *request_id, ngx_uint_t del,
+    ngx_http_token_meter_reservation_t *res)
+{
+    ngx_int_t  rc;
+    ngx_str_t  v;
 
     rc = ngx_http_token_meter_get(txn, NGX_HTTP_TOKEN_METER_DB_RESERVATIONS,
                                   request_id, 16, &v);
@@ -820,8 +818,28 @@ ngx_http_token_meter_release(ngx_http_token_meter_txn_t *txn,
 
     ngx_memcpy(res, v.data, sizeof(ngx_http_token_meter_reservation_t));
 
-    rc = ngx_http_token_meter_del(txn, NGX_HTTP_TOKEN_METER_DB_RESERVATIONS,
-                                  request_id, 16);
+    if (!del) {
+        return NGX_OK;
+    }
+
+    return ngx_http_token_meter_del(txn, NGX_HTTP_TOKEN_METER_DB_RESERVATIONS,
+                                    request_id, 16);
+}
+
+
+/*
+ * Deletes a reservation and gives its points back to the subscriber.
+ * NGX_DECLINED: there is none.
+ */
+
+static ngx_int_t
+ngx_http_token_meter_release(ngx_http_token_meter_txn_t *txn,
+    u_char *request_id, ngx_http_token_meter_reservation_t *res)
+{
+    ngx_int_t                           rc;
+    ngx_http_token_meter_subscriber_t   sub;
+
+    rc = ngx_http_token_meter_reservation(txn, request_id, 1, res);
     if (rc != NGX_OK) {
         return rc;
     }
@@ -835,11 +853,7 @@ ngx_http_token_meter_release(ngx_http_token_meter_txn_t *txn,
         return rc;
     }
 
-    sub.reserved -= res->points;
-
-    if (sub.reserved < 0) {
-        sub.reserved = 0;
-    }
+    sub.reserved = ngx_max(sub.reserved - res->points, 0);
 
     return ngx_http_token_meter_subscriber_put(txn, &sub);
 }
