@@ -738,28 +738,27 @@ static void
 ngx_http_token_meter_syncer_start(ngx_http_token_meter_store_t *store,
     ngx_log_t *log)
 {
-    int       err;
-    sigset_t  set, old;
+    int          err;
+    sigset_t     set, old;
+    const char  *call;
 
     if (store->syncer_running) {
         return;
     }
 
-    if (pthread_mutex_init(&store->sync_mutex, NULL) != 0) {
-        ngx_log_error(NGX_LOG_ALERT, log, 0,
-                      "token meter store \"%V\": pthread_mutex_init() "
-                      "failed, the store is flushed in the event loop",
-                      &store->path);
-        return;
+    call = "pthread_mutex_init()";
+
+    err = pthread_mutex_init(&store->sync_mutex, NULL);
+    if (err != 0) {
+        goto failed;
     }
 
-    if (pthread_cond_init(&store->sync_cond, NULL) != 0) {
-        ngx_log_error(NGX_LOG_ALERT, log, 0,
-                      "token meter store \"%V\": pthread_cond_init() "
-                      "failed, the store is flushed in the event loop",
-                      &store->path);
+    call = "pthread_cond_init()";
+
+    err = pthread_cond_init(&store->sync_cond, NULL);
+    if (err != 0) {
         (void) pthread_mutex_destroy(&store->sync_mutex);
-        return;
+        goto failed;
     }
 
     store->sync_wanted = 0;
@@ -771,22 +770,28 @@ ngx_http_token_meter_syncer_start(ngx_http_token_meter_store_t *store,
     sigfillset(&set);
     (void) pthread_sigmask(SIG_SETMASK, &set, &old);
 
+    call = "pthread_create()";
+
     err = pthread_create(&store->syncer, NULL, ngx_http_token_meter_syncer,
                          store);
 
     (void) pthread_sigmask(SIG_SETMASK, &old, NULL);
 
     if (err != 0) {
-        ngx_log_error(NGX_LOG_ALERT, log, err,
-                      "token meter store \"%V\": pthread_create() failed, "
-                      "the store is flushed in the event loop",
-                      &store->path);
         (void) pthread_cond_destroy(&store->sync_cond);
         (void) pthread_mutex_destroy(&store->sync_mutex);
-        return;
+        goto failed;
     }
 
     store->syncer_running = 1;
+
+    return;
+
+failed:
+
+    ngx_log_error(NGX_LOG_ALERT, log, err,
+                  "token meter store \"%V\": %s failed, the store is "
+                  "flushed in the event loop", &store->path, call);
 }
 
 
