@@ -11,6 +11,7 @@ BEGIN {
 use t::TokenMeter;
 use t::TokenMeter::Admin;
 
+admin_defaults();
 master_on();
 workers(1);
 no_shuffle();
@@ -39,14 +40,9 @@ qr{^(?:(?!href="\d).)*href="\d+/"
 
 
 
-=== TEST 2: a purchase written with sync=50ms
+=== TEST 2: a subscriber written with sync=50ms
 --- http_config
     token_meter_store $TEST_NGINX_STORE_DIR/store sync=50ms;
---- config
-    location /admin/ {
-        token_meter_admin;
-        token_meter_admin_key sha256:$TEST_NGINX_ADMIN_HASH;
-    }
 --- more_headers
 Authorization: Bearer tm-test-admin-key-6c1f0e9b2a7d
 --- request

@@ -69,8 +69,7 @@ $main::Run = load_run(jobs => load_jobs(seed => 2026, count => 3000,
 is($main::Run->{killed}, 0, 'all clients finished within 60 s');
 is(scalar @{ $main::Run->{results} }, 3000, "all 3000 jobs were sent");
 $main::Fig = load_verify(subs => $main::Subs, run => $main::Run,
-                         access_log => server_root() . '/logs/points.log',
-                         error_log => server_root() . '/logs/error.log');
+                         access_log => server_root() . '/logs/points.log');
 diag(load_summary($main::Fig));
 ok($main::Fig->{$_}, "the load had $_")
     for 'hung up', 'kind cut', 'kind cut_plain', 'kind error500',

@@ -67,12 +67,6 @@ our %CrashMix = (chat => 20, stream => 20, stream_usage => 5,
                  completion => 5, responses => 5, responses_stream => 5,
                  embeddings => 4, error500 => 6, cut => 6, no_usage => 5);
 
-sub error_log_text {
-    open my $fh, '<', server_root() . '/logs/error.log' or return '';
-    local $/;
-    return <$fh>;
-}
-
 no_shuffle();
 run_tests();
 

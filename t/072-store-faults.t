@@ -181,12 +181,6 @@ sub balance {
               "available":$paid\}\}\n\z/x;
 }
 
-sub error_log_text {
-    open my $fh, '<', server_root() . '/logs/error.log' or return '';
-    local $/;
-    return <$fh>;
-}
-
 # An admin call that does not die: [status, decoded answer or undef].
 sub admin_try {
     my ($method, $path, $body) = @_;

@@ -54,7 +54,8 @@ use Time::HiRes ();
 our @EXPORT = qw(load_subscribers load_jobs load_run load_verify
                  load_summary open_streams finish_streams expected_usage
                  reserved_total http_request admin_json nginx_master
-                 nginx_workers process_alive wait_for $LoadAdminKey);
+                 nginx_workers process_alive wait_for error_log_text
+                 $LoadAdminKey);
 
 # The admin key of these tests; configurations name its hash as
 # $TEST_NGINX_LOAD_ADMIN_HASH.
@@ -595,9 +596,8 @@ sub expected_usage {
 #                   request that was running in a worker killed on purpose)
 #   name            prefix of the assertion names
 #   access_log      a log of "$token_meter_request_id $token_meter_points"
-#                   lines, checked against the records
-#   error_log       nginx's error log, for the notices that explain a
-#                   difference there
+#                   lines, checked against the records (a difference must
+#                   have its notice in the error log)
 #
 # Returns a hash of figures for load_summary().
 
@@ -762,12 +762,7 @@ sub load_verify {
 
     if ($o{access_log}) {
         my %rec = map { %{ $_->{records} } } values %sub;
-        my $said = '';
-
-        if (open my $fh, '<', $o{error_log}) {
-            local $/;
-            $said = <$fh>;
-        }
+        my $said = error_log_text();
 
         open my $fh, '<', $o{access_log} or die "$o{access_log}: $!";
 
@@ -1015,6 +1010,13 @@ sub reserved_total {
 
 
 # nginx's processes, from its pid file and /proc.
+
+# The whole error log of the nginx under test ('' when there is none).
+sub error_log_text {
+    open my $fh, '<', main::server_root() . '/logs/error.log' or return '';
+    local $/;
+    return <$fh>;
+}
 
 sub nginx_master {
     my ($file) = @_;
